@@ -1,0 +1,106 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Includes, the packet context every helper shares, and the single exit path with its counters. */
+#ifndef SLUICE_LIB_COMMON_H
+#define SLUICE_LIB_COMMON_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "consts.h"
+#include "types.h"
+#include "maps.h"
+#include "config.h"
+
+#ifndef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#endif
+
+/* Helpers return a reason, or CONTINUE when the caller should go on. */
+#define CONTINUE (-1)
+
+#ifndef offsetof
+#define offsetof(t, m) __builtin_offsetof(t, m)
+#endif
+
+/* Offsets of the IPv4 fields we rewrite (no VLAN: a pod veth carries untagged frames). */
+#define IP_OFF         ETH_HLEN
+#define IP_CSUM_OFF    (ETH_HLEN + offsetof(struct iphdr, check))
+#define IP_SADDR_OFF   (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define IP_DADDR_OFF   (ETH_HLEN + offsetof(struct iphdr, daddr))
+
+/* What the parser learnt of one packet; everything in network order but tcp_flags. */
+struct packet {
+	__u32  l4_off;          /* from the start of the frame; honours IP options */
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8   proto;
+	__u8   tcp_flags;       /* byte 13 of the TCP header */
+	__u8   ihl;             /* IP header length in 32-bit words */
+	__u8   is_frag;         /* MF set or non-zero offset: no ports */
+	__u8   redirect_back;   /* send out of the interface it came in on (MACs swapped) */
+};
+
+static __always_inline void counter_add(void *map, __u32 index, __u32 bytes)
+{
+	struct counter *c = bpf_map_lookup_elem(map, &index);
+
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
+/* Swap Ethernet source and destination: the frame goes back where it came from. */
+static __always_inline int swap_macs(struct __sk_buff *skb)
+{
+	__u8 macs[2 * ETH_ALEN];
+	__u8 swapped[2 * ETH_ALEN];
+
+	if (bpf_skb_load_bytes(skb, 0, macs, sizeof(macs)) < 0)
+		return -1;
+	__builtin_memcpy(swapped, macs + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(swapped + ETH_ALEN, macs, ETH_ALEN);
+	return bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0);
+}
+
+/* The one exit: count the outcome, then pass, drop or bounce the packet. */
+static __always_inline int finish(struct __sk_buff *skb, const struct packet *pkt, int reason)
+{
+	counter_add(&sl_rsn_v1, reason, skb->len);
+	if (reason >= REASON_FIRST_DROP)
+		return TC_ACT_SHOT;
+	if (pkt->redirect_back) {
+		if (swap_macs(skb) < 0) {
+			counter_add(&sl_rsn_v1, REASON_DROP_REWRITE, skb->len);
+			return TC_ACT_SHOT;
+		}
+		return bpf_redirect(skb->ifindex, 0);
+	}
+	return TC_ACT_OK;
+}
+
+/* Per-pod accounting on the host-side veth; the daemon creates the entry when it attaches. */
+static __always_inline void pod_account(struct __sk_buff *skb, int towards_pod)
+{
+	__u32 ifindex = skb->ifindex;
+	struct pod_stats *s = bpf_map_lookup_elem(&sl_pod_v1, &ifindex);
+
+	if (!s)
+		return;
+	if (towards_pod) {
+		s->rx_packets++;
+		s->rx_bytes += skb->len;
+	} else {
+		s->tx_packets++;
+		s->tx_bytes += skb->len;
+	}
+}
+
+#endif

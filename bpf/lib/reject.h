@@ -1,0 +1,82 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Reject a connection at once, as kube-proxy does for a service without endpoints: turn the packet
+ * into an ICMP port unreachable and send it back to the client, which fails connect() with
+ * ECONNREFUSED (TCP) or gets the error on its next recv (connected UDP). */
+#ifndef SLUICE_LIB_REJECT_H
+#define SLUICE_LIB_REJECT_H
+
+#include "common.h"
+
+/* linux/icmp.h drags in libc's socket headers; the three values we need, from RFC 792. */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+#define ICMP_QUOTE_LEN    8 /* the original IP header and 8 bytes of its payload */
+
+struct icmp_unreach_hdr {
+	__u8   type;
+	__u8   code;
+	__sum16 checksum;
+	__be32 unused;
+};
+
+struct icmp_reject {
+	struct iphdr ip;
+	struct icmp_unreach_hdr icmp;
+	struct iphdr orig_ip;
+	__u8 orig_l4[ICMP_QUOTE_LEN];
+};
+
+static __always_inline __sum16 csum_fold32(__u32 csum)
+{
+	csum = (csum & 0xffff) + (csum >> 16);
+	csum = (csum & 0xffff) + (csum >> 16);
+	return (__sum16)~csum;
+}
+
+/**
+ * reject_port_unreachable - rewrite @skb in place into ICMP dest-unreachable/port for its sender.
+ * Return: REASON_NO_BACKEND with pkt->redirect_back set, or REASON_DROP_NO_BACKEND when the packet
+ * cannot be turned around (IP options, helper failure): the client then times out instead.
+ */
+static __always_inline int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
+{
+	struct icmp_reject r = {};
+	__s64 sum;
+
+	if (pkt->ihl != 5)
+		return REASON_DROP_NO_BACKEND;
+	if (bpf_skb_load_bytes(skb, IP_OFF, &r.orig_ip, sizeof(r.orig_ip) + ICMP_QUOTE_LEN) < 0)
+		return REASON_DROP_NO_BACKEND;
+	/* Keep Ethernet + the quote, then open room for the new IP and ICMP headers before it. */
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r.orig_ip) + ICMP_QUOTE_LEN, 0) < 0)
+		return REASON_DROP_NO_BACKEND;
+	if (bpf_skb_adjust_room(skb, sizeof(r.ip) + sizeof(r.icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
+		return REASON_DROP_NO_BACKEND;
+
+	r.ip.version = 4;
+	r.ip.ihl = 5;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_ICMP;
+	r.ip.saddr = pkt->daddr;
+	r.ip.daddr = pkt->saddr;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0);
+	if (sum < 0)
+		return REASON_DROP_NO_BACKEND;
+	r.ip.check = csum_fold32((__u32)sum);
+
+	r.icmp.type = ICMP_DEST_UNREACH;
+	r.icmp.code = ICMP_PORT_UNREACH;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp,
+			    sizeof(r.icmp) + sizeof(r.orig_ip) + ICMP_QUOTE_LEN, 0);
+	if (sum < 0)
+		return REASON_DROP_NO_BACKEND;
+	r.icmp.checksum = csum_fold32((__u32)sum);
+
+	if (bpf_skb_store_bytes(skb, IP_OFF, &r, sizeof(r), 0) < 0)
+		return REASON_DROP_NO_BACKEND;
+	pkt->redirect_back = 1;
+	return REASON_NO_BACKEND;
+}
+
+#endif

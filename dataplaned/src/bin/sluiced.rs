@@ -1,0 +1,139 @@
+//! `sluiced`: the per-node dataplane daemon. Flags in, `sluiced::run` until SIGTERM/SIGINT.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use sluiced::ipam::{Cidr, Ipam};
+use sluiced::{AttachMode, Config, MapSizes};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    /// tcx on Linux >= 6.6, clsact otherwise
+    Auto,
+    Tcx,
+    Tc,
+}
+
+#[derive(Debug, Parser)]
+#[command(version, about = "sluice per-node dataplane daemon")]
+struct Args {
+    /// gRPC Unix socket (mode 0600, root only)
+    #[arg(long, default_value = sluice_core::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// IPAM store and standalone-mode objects
+    #[arg(long, default_value = "/var/lib/sluice")]
+    state_dir: PathBuf,
+    /// Where programs, maps and links are pinned (on a bpffs; /sys/fs/bpf is mounted if needed)
+    #[arg(long, default_value = "/sys/fs/bpf/sluice")]
+    bpffs: PathBuf,
+    /// This node's name (default: the host name)
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The pod CIDR this node allocates from
+    #[arg(long, default_value = "10.244.0.0/24")]
+    pod_cidr: String,
+    /// How programs are attached to pod veths
+    #[arg(long, value_enum, default_value = "auto")]
+    attach_mode: Mode,
+    /// Conntrack entries (two per NATed flow)
+    #[arg(long, default_value_t = MapSizes::default().conntrack)]
+    ct_size: u32,
+    /// Service frontends
+    #[arg(long, default_value_t = MapSizes::default().frontends)]
+    frontends_size: u32,
+    /// Backend slots, all services together
+    #[arg(long, default_value_t = MapSizes::default().backends)]
+    backends_size: u32,
+    /// sessionAffinity entries
+    #[arg(long, default_value_t = MapSizes::default().affinity)]
+    affinity_size: u32,
+    /// Source address a pod sees when it reaches itself through a service
+    #[arg(long, default_value = "169.254.42.1")]
+    hairpin_addr: Ipv4Addr,
+    /// Seconds between checks that every allocation still has its interface
+    #[arg(long, default_value_t = 30)]
+    reconcile_interval: u64,
+    /// Remove everything this daemon created (pins, attachments, state, socket) and exit
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let pod_cidr: Cidr = args.pod_cidr.parse()?;
+    if args.cleanup {
+        return cleanup(&args, pod_cidr);
+    }
+    let config = Config {
+        socket: args.socket.clone(),
+        state_dir: args.state_dir.clone(),
+        bpffs: args.bpffs.clone(),
+        node_name: match &args.node_name {
+            Some(n) => n.clone(),
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        },
+        pod_cidr,
+        attach_mode: match args.attach_mode {
+            Mode::Auto => AttachMode::detect(),
+            Mode::Tcx => AttachMode::Tcx,
+            Mode::Tc => AttachMode::Tc,
+        },
+        map_sizes: MapSizes {
+            frontends: args.frontends_size,
+            backends: args.backends_size,
+            conntrack: args.ct_size,
+            affinity: args.affinity_size,
+            ..MapSizes::default()
+        },
+        hairpin_addr: args.hairpin_addr,
+        reconcile_interval: Duration::from_secs(args.reconcile_interval.max(1)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let listener = sluiced::bind_socket(&config.socket)?;
+        let socket = config.socket.clone();
+        let result = sluiced::run(listener, config, shutdown_signal()).await;
+        let _ = std::fs::remove_file(socket);
+        result
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// `--cleanup`: detach from every pod veth we know of, unpin everything, delete state and socket.
+fn cleanup(args: &Args, pod_cidr: Cidr) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(&args.socket).is_ok() {
+        anyhow::bail!("sluiced is running at {}: stop it first", args.socket.display());
+    }
+    let ipam_dir = args.state_dir.join("ipam");
+    let ifindexes: Vec<u32> = if ipam_dir.exists() {
+        Ipam::open(&ipam_dir, pod_cidr)?
+            .all()
+            .filter_map(|a| nix::net::if_::if_nametoindex(a.host_ifname.as_str()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    sluiced::datapath::Datapath::cleanup(&args.bpffs, &ifindexes)?;
+    if args.state_dir.exists() {
+        std::fs::remove_dir_all(&args.state_dir).with_context(|| format!("removing {}", args.state_dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    tracing::info!(bpffs = %args.bpffs.display(), state = %args.state_dir.display(), "cleaned up");
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! The BPF datapath: loading the skeleton with its maps pinned (reused across restarts), attaching
+//! the pod programs to host-side veths (tcx, or clsact on kernels without it), reading counters.
+//!
+//! After load the daemon keeps only file descriptors (programs) and map handles: the skeleton's
+//! objects are dropped, so this type is Send + Sync and nothing is tied to a borrow.
+
+use std::ffi::CString;
+use std::mem::MaybeUninit;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::query::{LinkInfo, LinkTypeInfo};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, MapInfo, ProgramAttachType, TcHookBuilder, TC_EGRESS, TC_INGRESS};
+use sluice_core::bpf::pod_veth::types;
+use sluice_core::bpf::pod_veth::PodVethSkelBuilder;
+
+use crate::pod::{as_bytes, from_bytes};
+
+/// How programs are attached to a veth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// tcx links (Linux >= 6.6), pinned under <bpffs>/links: they outlive the daemon.
+    Tcx,
+    /// clsact qdisc + cls_bpf filters (older kernels); filters outlive the daemon by themselves.
+    Tc,
+}
+
+impl AttachMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Tc => "tc",
+        }
+    }
+
+    /// tcx where the kernel has it (6.6+), clsact otherwise.
+    pub fn detect() -> AttachMode {
+        let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+        let mut it = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+        let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        if (major, minor) >= (6, 6) {
+            AttachMode::Tcx
+        } else {
+            AttachMode::Tc
+        }
+    }
+}
+
+/// Map sizes (max_entries). Changing one on restart replaces that pinned map (its content is lost).
+#[derive(Debug, Clone, Copy)]
+pub struct MapSizes {
+    pub frontends: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+    pub affinity: u32,
+    pub pods: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes { frontends: 65536, backends: 262144, conntrack: 524288, affinity: 65536, pods: 16384 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    pub bpffs: PathBuf,
+    pub mode: AttachMode,
+    pub sizes: MapSizes,
+    pub hairpin_addr: Ipv4Addr,
+    pub ct_refresh: Duration,
+}
+
+/// Handles on every shared map (names carry the layout version; see bpf/maps.h).
+pub struct Maps {
+    pub frontends: MapHandle,
+    pub backends: MapHandle,
+    pub conntrack: MapHandle,
+    pub affinity: MapHandle,
+    pub pods: MapHandle,
+    pub reasons: MapHandle,
+    pub services: MapHandle,
+}
+
+pub struct Datapath {
+    bpffs: PathBuf,
+    mode: AttachMode,
+    from_pod: OwnedFd,
+    to_pod: OwnedFd,
+    pub maps: Maps,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Makes sure `dir` lives on a bpffs, mounting one at /sys/fs/bpf if none is there.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    let is_bpffs = |p: &Path| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false);
+    if dir.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).ok();
+        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .context("mounting bpffs at /sys/fs/bpf")?;
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !is_bpffs(dir) {
+        bail!("{} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)", dir.display());
+    }
+    for sub in ["maps", "progs", "links"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    Ok(())
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_encoded_bytes()).expect("path without NUL")
+}
+
+fn errno_result(ret: i32) -> std::io::Result<i32> {
+    if ret < 0 {
+        Err(std::io::Error::from_raw_os_error(-ret))
+    } else {
+        Ok(ret)
+    }
+}
+
+/// If the pinned map at `pin` has another shape than the program wants, unpin it: libbpf would
+/// refuse to reuse it. Its content is lost; a layout change gets a new map name instead.
+fn drop_incompatible_pin(pin: &Path, map_type: libbpf_rs::MapType, key: u32, value: u32, max: u32) {
+    let Ok(old) = MapHandle::from_pinned_path(pin) else { return };
+    let Ok(info) = MapInfo::new(old.as_fd()) else { return };
+    let i = info.info;
+    if i.type_ != map_type as u32 || i.key_size != key || i.value_size != value || i.max_entries != max {
+        tracing::warn!(pin = %pin.display(), old_max = i.max_entries, new_max = max,
+            "pinned map has another size or layout: replacing it (its entries are lost)");
+        let _ = std::fs::remove_file(pin);
+    }
+}
+
+impl Datapath {
+    /// Loads the programs, reusing pinned maps, and pins maps and programs under `cfg.bpffs`.
+    pub fn load(cfg: &DatapathConfig) -> Result<Datapath> {
+        ensure_bpffs(&cfg.bpffs)?;
+        let maps_dir = cfg.bpffs.join("maps");
+        let mut storage = MaybeUninit::uninit();
+        let mut open = PodVethSkelBuilder::default().open(&mut storage).context("opening the BPF object")?;
+
+        let s = cfg.sizes;
+        macro_rules! prepare {
+            ($($map:ident => $max:expr),* $(,)?) => {$({
+                let m = &mut open.maps.$map;
+                if let Some(max) = $max {
+                    m.set_max_entries(max)?;
+                }
+                let pin = maps_dir.join(stringify!($map));
+                drop_incompatible_pin(&pin, m.map_type(), m.key_size(), m.value_size(), m.max_entries());
+                m.set_pin_path(&pin)?;
+            })*};
+        }
+        prepare!(
+            sl_fe_v1 => Some(s.frontends),
+            sl_be_v1 => Some(s.backends),
+            sl_ct_v1 => Some(s.conntrack),
+            sl_aff_v1 => Some(s.affinity),
+            sl_pod_v1 => Some(s.pods),
+            sl_rsn_v1 => None::<u32>,
+            sl_svc_v1 => Some(s.frontends),
+        );
+
+        let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
+        rodata.hairpin_addr = u32::from(cfg.hairpin_addr).to_be();
+        rodata.ct_refresh_ns = cfg.ct_refresh.as_nanos() as u64;
+        if cfg.mode == AttachMode::Tcx {
+            open.progs.from_pod.set_attach_type(ProgramAttachType::TcxIngress);
+            open.progs.to_pod.set_attach_type(ProgramAttachType::TcxEgress);
+        }
+        let mut skel = open.load().context("loading the BPF programs (verifier log above)")?;
+
+        // Pin the new programs in place of the old ones (live attachments are updated separately).
+        let progs_dir = cfg.bpffs.join("progs");
+        for (prog, name) in [(&mut skel.progs.from_pod, "from_pod"), (&mut skel.progs.to_pod, "to_pod")] {
+            let pin = progs_dir.join(name);
+            let _ = std::fs::remove_file(&pin);
+            prog.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        let from_pod = skel.progs.from_pod.as_fd().try_clone_to_owned()?;
+        let to_pod = skel.progs.to_pod.as_fd().try_clone_to_owned()?;
+        let open_pin = |name: &str| {
+            let pin = maps_dir.join(name);
+            MapHandle::from_pinned_path(&pin).with_context(|| format!("opening {}", pin.display()))
+        };
+        let maps = Maps {
+            frontends: open_pin("sl_fe_v1")?,
+            backends: open_pin("sl_be_v1")?,
+            conntrack: open_pin("sl_ct_v1")?,
+            affinity: open_pin("sl_aff_v1")?,
+            pods: open_pin("sl_pod_v1")?,
+            reasons: open_pin("sl_rsn_v1")?,
+            services: open_pin("sl_svc_v1")?,
+        };
+        Ok(Datapath { bpffs: cfg.bpffs.clone(), mode: cfg.mode, from_pod, to_pod, maps })
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// bpffs refuses '.' in names: `<links>/<host_ifname>-ingress`.
+    fn link_pin(&self, host_ifname: &str, dir: &str) -> PathBuf {
+        self.bpffs.join("links").join(format!("{host_ifname}-{dir}"))
+    }
+
+    /// Attaches (or re-adopts) both programs on a host-side veth and creates its counters.
+    /// Idempotent: an existing attachment gets the current programs, atomically.
+    pub fn attach(&self, host_ifname: &str, ifindex: u32) -> Result<()> {
+        let hooks = [(&self.from_pod, "ingress"), (&self.to_pod, "egress")];
+        match self.mode {
+            AttachMode::Tcx => {
+                for (prog, dir) in hooks {
+                    self.attach_tcx(prog.as_fd(), host_ifname, ifindex, dir)?;
+                }
+                // Coming from clsact mode: do not run the programs twice.
+                self.detach_tc(ifindex);
+            }
+            AttachMode::Tc => {
+                for (prog, dir) in hooks {
+                    let point = if dir == "ingress" { TC_INGRESS } else { TC_EGRESS };
+                    let mut hook = TcHookBuilder::new(prog.as_fd())
+                        .ifindex(ifindex as i32)
+                        .replace(true)
+                        .handle(1)
+                        .priority(1)
+                        .hook(point);
+                    if let Err(e) = hook.create() {
+                        tracing::debug!(error = %e, "clsact qdisc exists");
+                    }
+                    hook.attach().with_context(|| format!("attaching {dir} filter on {host_ifname}"))?;
+                    let _ = std::fs::remove_file(self.link_pin(host_ifname, dir));
+                }
+            }
+        }
+        let zero = vec![as_bytes(&types::pod_stats::default()).to_vec(); libbpf_rs::num_possible_cpus()?];
+        if let Err(e) = self.maps.pods.update_percpu(as_bytes(&ifindex), &zero, MapFlags::NO_EXIST) {
+            if e.kind() != libbpf_rs::ErrorKind::AlreadyExists {
+                return Err(e).context("creating the pod's counters");
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_tcx(&self, prog: BorrowedFd<'_>, host_ifname: &str, ifindex: u32, dir: &str) -> Result<()> {
+        let pin = self.link_pin(host_ifname, dir);
+        let attach_type = if dir == "ingress" { libbpf_sys::BPF_TCX_INGRESS } else { libbpf_sys::BPF_TCX_EGRESS };
+        // Re-adopt: a pinned link still on this interface gets the new program in one step.
+        if let Ok(link) = libbpf_rs::Link::open(&pin) {
+            let same_if = matches!(LinkInfo::from_fd(link.as_fd()).map(|i| i.info),
+                Ok(LinkTypeInfo::Tcx(t)) if t.ifindex == ifindex && t.attach_type.clone() as u32 == attach_type);
+            if same_if {
+                errno_result(unsafe { libbpf_sys::bpf_link_update(link.as_fd().as_raw_fd(), prog.as_raw_fd(), std::ptr::null()) })
+                    .with_context(|| format!("updating the {dir} program of {host_ifname}"))?;
+                return Ok(());
+            }
+            // Defunct (its veth was deleted) or elsewhere: replace it.
+            let _ = std::fs::remove_file(&pin);
+        }
+        let fd = errno_result(unsafe {
+            libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, attach_type, std::ptr::null())
+        })
+        .with_context(|| format!("attaching tcx {dir} on {host_ifname} (ifindex {ifindex})"))?;
+        let link = unsafe { OwnedFd::from_raw_fd(fd) };
+        errno_result(unsafe { libbpf_sys::bpf_obj_pin(link.as_raw_fd(), cpath(&pin).as_ptr()) })
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        Ok(())
+    }
+
+    fn detach_tc(&self, ifindex: u32) {
+        for point in [TC_INGRESS, TC_EGRESS] {
+            let prog = if point == TC_INGRESS { &self.from_pod } else { &self.to_pod };
+            let mut hook = TcHookBuilder::new(prog.as_fd()).ifindex(ifindex as i32).handle(1).priority(1).hook(point);
+            let _ = hook.detach();
+        }
+    }
+
+    /// Detaches from a veth (if it still exists) and forgets its counters. Idempotent.
+    pub fn detach(&self, host_ifname: &str, ifindex: u32) {
+        for dir in ["ingress", "egress"] {
+            // Unpinning the last reference of a tcx link detaches it.
+            let _ = std::fs::remove_file(self.link_pin(host_ifname, dir));
+        }
+        if ifindex != 0 {
+            if nix::net::if_::if_nametoindex(host_ifname).ok() == Some(ifindex) {
+                self.detach_tc(ifindex);
+            }
+            let _ = self.maps.pods.delete(as_bytes(&ifindex));
+        }
+    }
+
+    /// Host-side interface names that have pinned links (to find leftovers).
+    pub fn pinned_link_ifnames(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.bpffs.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let ifname = name.strip_suffix("-ingress").or_else(|| name.strip_suffix("-egress"))?;
+                Some(ifname.to_string())
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Sums a pod's per-CPU counters.
+    pub fn pod_counters(&self, ifindex: u32) -> types::pod_stats {
+        let mut sum = types::pod_stats::default();
+        if let Ok(Some(per_cpu)) = self.maps.pods.lookup_percpu(as_bytes(&ifindex), MapFlags::ANY) {
+            for v in per_cpu {
+                let s: types::pod_stats = from_bytes(&v);
+                sum.rx_packets += s.rx_packets;
+                sum.rx_bytes += s.rx_bytes;
+                sum.tx_packets += s.tx_packets;
+                sum.tx_bytes += s.tx_bytes;
+            }
+        }
+        sum
+    }
+
+    /// Sums a per-CPU `struct counter` array entry.
+    pub fn counter(map: &MapHandle, index: u32) -> types::counter {
+        let mut sum = types::counter::default();
+        if let Ok(Some(per_cpu)) = map.lookup_percpu(as_bytes(&index), MapFlags::ANY) {
+            for v in per_cpu {
+                let c: types::counter = from_bytes(&v);
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+            }
+        }
+        sum
+    }
+
+    /// (name, kernel id, pin path) of the loaded programs.
+    pub fn programs(&self) -> Vec<(String, u32, PathBuf)> {
+        [("from_pod", &self.from_pod), ("to_pod", &self.to_pod)]
+            .into_iter()
+            .map(|(n, fd)| (n.to_string(), libbpf_rs::Program::id_from_fd(fd.as_fd()).unwrap_or(0), self.bpffs.join("progs").join(n)))
+            .collect()
+    }
+
+    /// Removes every attachment (tcx pins, clsact filters on `ifindexes`), program and map pin.
+    pub fn cleanup(bpffs: &Path, ifindexes: &[u32]) -> Result<()> {
+        for ifindex in ifindexes {
+            for point in [TC_INGRESS, TC_EGRESS] {
+                // Any program fd works to name the filter by handle and priority.
+                if let Ok(fd) = libbpf_rs::Program::fd_from_pinned_path(bpffs.join("progs/from_pod")) {
+                    let mut hook = TcHookBuilder::new(fd.as_fd()).ifindex(*ifindex as i32).handle(1).priority(1).hook(point);
+                    let _ = hook.detach();
+                }
+            }
+        }
+        if bpffs.exists() {
+            std::fs::remove_dir_all(bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Names of the reason counters (bpf/consts.h enum reason), for display.
+pub fn reason_name(r: u32) -> Option<&'static str> {
+    use types::reason as R;
+    Some(match types::reason(r) {
+        R::REASON_PASS => "pass",
+        R::REASON_PASS_NON_IPV4 => "pass_non_ipv4",
+        R::REASON_PASS_FRAGMENT => "pass_fragment",
+        R::REASON_NAT_NEW => "nat_new",
+        R::REASON_NAT_ESTABLISHED => "nat_established",
+        R::REASON_REV_NAT => "rev_nat",
+        R::REASON_HAIRPIN => "hairpin",
+        R::REASON_NO_BACKEND => "no_backend_rejected",
+        R::REASON_AFFINITY_HIT => "affinity_hit",
+        R::REASON_DROP_MALFORMED => "drop_malformed",
+        R::REASON_DROP_TRUNCATED => "drop_truncated",
+        R::REASON_DROP_FRAG_TO_VIP => "drop_fragment_to_vip",
+        R::REASON_DROP_CT_CREATE => "drop_ct_create",
+        R::REASON_DROP_REWRITE => "drop_rewrite",
+        R::REASON_DROP_NO_BACKEND => "drop_no_backend",
+        _ => return None,
+    })
+}

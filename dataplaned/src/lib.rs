@@ -1,0 +1,118 @@
+//! sluiced, the per-node dataplane daemon, as a library: `run(listener, config, shutdown)` serves
+//! the gRPC API until `shutdown` resolves. The binary (bin/sluiced.rs) only parses flags, binds
+//! the socket and waits for SIGTERM.
+//!
+//! Shutdown leaves the datapath running: programs stay attached (pinned tcx links or clsact
+//! filters) and maps stay pinned, so pods keep their traffic while the daemon is away; a new
+//! daemon re-adopts them.
+
+pub mod datapath;
+pub mod ipam;
+pub mod pod;
+pub mod server;
+pub mod state;
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
+
+pub use datapath::{AttachMode, MapSizes};
+
+/// Everything the daemon is told at start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub node_name: String,
+    pub pod_cidr: ipam::Cidr,
+    pub attach_mode: AttachMode,
+    pub map_sizes: MapSizes,
+    /// Source given to a pod that reaches itself through a service (see bpf/config.h).
+    pub hairpin_addr: Ipv4Addr,
+    /// How often allocations are checked against existing links.
+    pub reconcile_interval: Duration,
+}
+
+/// The gateway every pod routes through: link-local, answered by the host-side veth's MAC.
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// Serves until `shutdown` resolves; returns when the server has stopped.
+pub async fn run(listener: UnixListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    enable_forwarding();
+
+    let state = Arc::new(state::State::open(&config).context("starting the dataplane")?);
+    state.reconcile_at_start().await;
+    tracing::info!(node = %config.node_name, pod_cidr = %config.pod_cidr, mode = state.attach_mode().name(),
+        socket = %config.socket.display(), "sluiced ready");
+
+    let reconciler = {
+        let state = state.clone();
+        let every = config.reconcile_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                state.reconcile_periodic().await;
+            }
+        })
+    };
+
+    // Only root may talk to the daemon: others' connections are closed at accept.
+    let incoming = UnixListenerStream::new(listener).filter(|conn| match conn {
+        Ok(stream) => match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 => true,
+            Ok(cred) => {
+                tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused a connection from a non-root peer");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a connection without peer credentials");
+                false
+            }
+        },
+        Err(_) => true,
+    });
+    let result = tonic::transport::Server::builder()
+        .add_service(sluice_core::proto::dataplane_server::DataplaneServer::new(server::Api::new(state.clone())))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    reconciler.abort();
+    tracing::info!("sluiced stopped; programs stay attached and maps pinned");
+    result.context("gRPC server")
+}
+
+/// Pods route through this node: IPv4 forwarding must be on in its network namespace.
+fn enable_forwarding() {
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+        tracing::warn!(error = %e, "could not enable net.ipv4.ip_forward");
+    }
+}
+
+/// Binds the daemon's socket: refuses if another daemon answers there, removes a stale file,
+/// and restricts it to root (mode 0600).
+pub fn bind_socket(path: &std::path::Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another sluiced is serving {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}

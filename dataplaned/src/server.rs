@@ -1,0 +1,255 @@
+//! The gRPC API (proto/sluice.proto). Handlers run their locked work on the blocking pool: IPAM
+//! writes fsync, and map syscalls should not stall the async workers.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use sluice_core::proto::dataplane_server::Dataplane;
+use sluice_core::proto::*;
+use tonic::{Request, Response, Status};
+
+use crate::datapath::{reason_name, Datapath};
+use crate::ipam::{Allocation, IpamError};
+use crate::state::{ifindex, now_unix, Inner, State};
+use crate::POD_GATEWAY;
+
+pub struct Api {
+    state: Arc<State>,
+}
+
+impl Api {
+    pub fn new(state: Arc<State>) -> Api {
+        Api { state }
+    }
+
+    /// Runs `f` under the state lock on the blocking pool.
+    async fn locked<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Inner) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&mut state.lock()))
+            .await
+            .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+    }
+}
+
+fn pair(r: Option<AttachmentRef>) -> Result<AttachmentRef, Status> {
+    let r = r.ok_or_else(|| Status::invalid_argument("missing ref"))?;
+    if r.container_id.is_empty() || r.ifname.is_empty() {
+        return Err(Status::invalid_argument("container_id and ifname are required"));
+    }
+    Ok(r)
+}
+
+fn ipam_status(e: IpamError) -> Status {
+    match e {
+        IpamError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+pub fn attachment(a: &Allocation, dp: &Datapath) -> Attachment {
+    let idx = ifindex(&a.host_ifname).unwrap_or(0);
+    let c = if a.host_ifindex != 0 { dp.pod_counters(a.host_ifindex) } else { Default::default() };
+    Attachment {
+        container_id: a.container_id.clone(),
+        ifname: a.ifname.clone(),
+        ip: a.ip.to_string(),
+        host_ifname: a.host_ifname.clone(),
+        netns: a.netns.clone(),
+        attached: a.attached,
+        host_ifindex: idx,
+        pod_namespace: a.pod_namespace.clone(),
+        pod_name: a.pod_name.clone(),
+        counters: Some(PodCounters {
+            rx_packets: c.rx_packets,
+            rx_bytes: c.rx_bytes,
+            tx_packets: c.tx_packets,
+            tx_bytes: c.tx_bytes,
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl Dataplane for Api {
+    async fn allocate(&self, req: Request<AllocateRequest>) -> Result<Response<AllocateReply>, Status> {
+        let req = req.into_inner();
+        let r = pair(req.r#ref)?;
+        let want = Allocation {
+            container_id: r.container_id,
+            ifname: r.ifname,
+            ip: Ipv4Addr::UNSPECIFIED,
+            host_ifname: req.host_ifname,
+            netns: req.netns,
+            pod_namespace: req.pod_namespace,
+            pod_name: req.pod_name,
+            attached: false,
+            host_ifindex: 0,
+            created: now_unix(),
+        };
+        let (a, new, prefix) = self
+            .locked(move |s| {
+                let prefix = s.ipam.cidr().prefix;
+                s.ipam.allocate(want).map(|(a, new)| (a, new, prefix)).map_err(ipam_status)
+            })
+            .await?;
+        tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip, new, "allocate");
+        Ok(Response::new(AllocateReply {
+            ip: a.ip.to_string(),
+            prefix_len: prefix as u32,
+            gateway: POD_GATEWAY.to_string(),
+            newly_allocated: new,
+        }))
+    }
+
+    async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<AttachReply>, Status> {
+        let req = req.into_inner();
+        let r = pair(req.r#ref)?;
+        self.locked(move |s| {
+            let mut a = s
+                .ipam
+                .get(&r.container_id, &r.ifname)
+                .cloned()
+                .ok_or_else(|| Status::not_found("no allocation for this container and interface"))?;
+            if a.host_ifname != req.host_ifname {
+                return Err(Status::invalid_argument(format!(
+                    "allocation is for host interface {}, not {}",
+                    a.host_ifname, req.host_ifname
+                )));
+            }
+            let idx = ifindex(&a.host_ifname)
+                .ok_or_else(|| Status::failed_precondition(format!("{} does not exist", a.host_ifname)))?;
+            s.datapath.attach(&a.host_ifname, idx).map_err(|e| Status::internal(format!("{e:#}")))?;
+            a.attached = true;
+            a.host_ifindex = idx;
+            s.ipam.update(a).map_err(ipam_status)
+        })
+        .await?;
+        Ok(Response::new(AttachReply {}))
+    }
+
+    async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<ReleaseReply>, Status> {
+        let r = pair(req.into_inner().r#ref)?;
+        let released = self
+            .locked(move |s| {
+                let Some(a) = s.ipam.get(&r.container_id, &r.ifname).cloned() else { return Ok(false) };
+                s.datapath.detach(&a.host_ifname, a.host_ifindex);
+                s.ipam.release(&r.container_id, &r.ifname).map_err(ipam_status)?;
+                tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip, "release");
+                Ok(true)
+            })
+            .await?;
+        Ok(Response::new(ReleaseReply { released }))
+    }
+
+    async fn get_attachment(&self, req: Request<AttachmentRef>) -> Result<Response<Attachment>, Status> {
+        let r = pair(Some(req.into_inner()))?;
+        self.locked(move |s| {
+            let a = s
+                .ipam
+                .get(&r.container_id, &r.ifname)
+                .ok_or_else(|| Status::not_found("no attachment for this container and interface"))?;
+            Ok(Response::new(attachment(a, &s.datapath)))
+        })
+        .await
+    }
+
+    async fn gc(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
+        let keep: HashSet<(String, String)> =
+            req.into_inner().valid.into_iter().map(|r| (r.container_id, r.ifname)).collect();
+        let doomed: Vec<Allocation> = self
+            .locked(move |s| {
+                Ok(s.ipam.all().filter(|a| !keep.contains(&(a.container_id.clone(), a.ifname.clone()))).cloned().collect())
+            })
+            .await?;
+        let mut reply = GcReply::default();
+        // Links first (outside the lock), then the records; keep going past errors.
+        let netlink = links::Links::new().map_err(|e| Status::internal(e.to_string()))?;
+        for a in doomed {
+            if let Err(e) = netlink.delete(&a.host_ifname).await {
+                reply.errors.push(format!("{}: deleting {}: {e}", a.container_id, a.host_ifname));
+                continue;
+            }
+            let a2 = a.clone();
+            let released = self
+                .locked(move |s| {
+                    s.datapath.detach(&a2.host_ifname, a2.host_ifindex);
+                    s.ipam.release(&a2.container_id, &a2.ifname).map_err(ipam_status)
+                })
+                .await;
+            match released {
+                Ok(_) => {
+                    tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip, "gc released");
+                    reply.released.push(AttachmentRef { container_id: a.container_id, ifname: a.ifname });
+                }
+                Err(e) => reply.errors.push(format!("{}: {}", a.container_id, e.message())),
+            }
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let node_name = self.state.node_name.clone();
+        self.locked(move |s| {
+            let mut attachments: Vec<Attachment> = s.ipam.all().map(|a| attachment(a, &s.datapath)).collect();
+            attachments.sort_by(|a, b| (&a.ip, &a.container_id).cmp(&(&b.ip, &b.container_id)));
+            let reasons = (0..32u32)
+                .filter_map(|r| {
+                    let name = reason_name(r)?;
+                    let c = Datapath::counter(&s.datapath.maps.reasons, r);
+                    Some(ReasonCounter { reason: r, name: name.to_string(), packets: c.packets, bytes: c.bytes })
+                })
+                .collect();
+            Ok(Response::new(StatusReply {
+                ready: true,
+                node_name,
+                pod_cidr: s.ipam.cidr().to_string(),
+                attach_mode: s.datapath.mode().name().to_string(),
+                attachments,
+                programs: s
+                    .datapath
+                    .programs()
+                    .into_iter()
+                    .map(|(name, id, pin)| Program { name, id, pinned: pin.display().to_string() })
+                    .collect(),
+                reasons,
+                free_ips: s.ipam.free_count(),
+            }))
+        })
+        .await
+    }
+}
+
+mod links {
+    use futures::TryStreamExt;
+
+    /// Host-side link deletion for GC (the daemon runs in the node's netns).
+    pub struct Links {
+        handle: rtnetlink::Handle,
+    }
+
+    impl Links {
+        pub fn new() -> std::io::Result<Links> {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            Ok(Links { handle })
+        }
+
+        /// Deletes `name`; a missing link is success.
+        pub async fn delete(&self, name: &str) -> Result<(), rtnetlink::Error> {
+            let mut get = self.handle.link().get().match_name(name.to_string()).execute();
+            let link = match get.try_next().await {
+                Ok(Some(l)) => l,
+                Ok(None) => return Ok(()),
+                Err(rtnetlink::Error::NetlinkError(m)) if m.code.map(|c| -c.get()) == Some(libc::ENODEV) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            match self.handle.link().del(link.header.index).execute().await {
+                Err(rtnetlink::Error::NetlinkError(m)) if m.code.map(|c| -c.get()) == Some(libc::ENODEV) => Ok(()),
+                other => other,
+            }
+        }
+    }
+}
