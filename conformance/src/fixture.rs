@@ -21,7 +21,10 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 pub fn unique(tag: &str) -> String {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     let name = format!("{PREFIX}{tag}-{}-{}", base36(std::process::id()), base36(n));
-    assert!(name.len() <= 15, "fixture name {name} too long: shorten the tag");
+    assert!(
+        name.len() <= 15,
+        "fixture name {name} too long: shorten the tag"
+    );
     name
 }
 
@@ -43,7 +46,12 @@ fn base36(mut v: u32) -> String {
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     Ok(out)
 }
@@ -54,7 +62,10 @@ pub fn sh(script: &str) -> Result<Output> {
 
 /// Fails loudly unless we are root: these tests need namespaces and BPF, and must never skip.
 pub fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "end-to-end tests need root (CAP_NET_ADMIN, CAP_BPF); run them via scripts/test.sh as root");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root (CAP_NET_ADMIN, CAP_BPF); run them via scripts/test.sh as root"
+    );
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -78,7 +89,9 @@ impl Netns {
     /// `cmd` inside this namespace (nsenter, so /sys/fs/bpf stays visible, unlike `ip netns exec`).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -97,7 +110,10 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -105,7 +121,9 @@ impl Drop for Netns {
 pub fn veth_between(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> Result<(String, String)> {
     let a_if = unique("a");
     let b_if = unique("b");
-    a.ip(&["link", "add", &a_if, "type", "veth", "peer", "name", &b_if, "netns", &b.name])?;
+    a.ip(&[
+        "link", "add", &a_if, "type", "veth", "peer", "name", &b_if, "netns", &b.name,
+    ])?;
     a.ip(&["addr", "add", a_addr, "dev", &a_if])?;
     b.ip(&["addr", "add", b_addr, "dev", &b_if])?;
     a.ip(&["link", "set", &a_if, "up"])?;
@@ -121,8 +139,13 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
-        let child = cmd.spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
-        Ok(Proc { child, name: name.to_string() })
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        Ok(Proc {
+            child,
+            name: name.to_string(),
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -137,7 +160,10 @@ impl Proc {
 
     /// SIGTERM, then wait up to `grace` before SIGKILL.
     pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -172,7 +198,10 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<boo
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    Err(anyhow!("timed out after {timeout:?} waiting for {what}{}", last.map(|e| format!(": {e:#}")).unwrap_or_default()))
+    Err(anyhow!(
+        "timed out after {timeout:?} waiting for {what}{}",
+        last.map(|e| format!(": {e:#}")).unwrap_or_default()
+    ))
 }
 
 /// A private temporary directory removed on drop.
@@ -198,7 +227,9 @@ impl Drop for TempDir {
 /// Removes namespaces and bpffs pins that killed runs left behind (names start with PREFIX and
 /// carry a pid that no longer runs). Safe to call while other test processes run.
 pub fn sweep_leftovers() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
         if name.starts_with(PREFIX) && !owner_alive(name) {
@@ -219,7 +250,9 @@ pub fn sweep_leftovers() {
 /// another shape count as alive: never remove what we cannot attribute.
 fn owner_alive(name: &str) -> bool {
     let mut parts = name.split('-');
-    let (_, Some(pid), Some(_)) = (parts.next(), parts.next(), parts.next()) else { return true };
+    let (_, Some(pid), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+        return true;
+    };
     match u32::from_str_radix(pid, 36) {
         Ok(pid) => Path::new(&format!("/proc/{pid}")).exists(),
         Err(_) => true,

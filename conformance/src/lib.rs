@@ -1,4 +1,117 @@
-//! cni-conformance: a CNI conformance suite any plugin can be run against (issue 4 grows it), and
-//! the network-namespace fixtures sluice's end-to-end tests share.
+//! cni-conformance: a CNI conformance suite any plugin can be run against (see README.md), and
+//! the network-namespace fixtures sluice's end-to-end tests use.
 
+pub mod cases;
+pub mod cni;
+pub mod cnitool;
 pub mod fixture;
+pub mod netstate;
+pub mod ns;
+pub mod report;
+pub mod runner;
+pub mod schema;
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use report::{CaseReport, Report, Status};
+
+/// Runs the selected cases; Err only when the run itself could not start (bad arguments, a
+/// failing setup hook, missing tools).
+pub fn run(opts: runner::Options) -> Result<Report> {
+    let started = Instant::now();
+    let all = cases::all();
+    for n in opts.only.iter().chain(opts.skip.iter()) {
+        if !all.iter().any(|c| &c.name == n) {
+            anyhow::bail!("unknown case {n:?}; --list shows the cases");
+        }
+    }
+    let (rt, _workdir) = runner::prepare(opts.clone())?;
+    let mut report = Report {
+        plugin: rt.main_type.clone(),
+        network: rt.list.name(),
+        conflist: opts.conflist.display().to_string(),
+        cni_path: rt.plugins.cni_path(),
+        advertised_versions: rt.advertised.clone(),
+        cnitool_version: rt.cnitool_version.clone(),
+        default_version: rt.default_version.clone(),
+        allocation_probe: rt.alloc.describe(),
+        cases: Vec::new(),
+        passed: 0,
+        failed: 0,
+        failed_required: 0,
+        not_applicable: 0,
+        seconds: 0.0,
+        ok: false,
+    };
+    if let Some(e) = &rt.cnitool_error {
+        eprintln!("cni-conformance: warning: {e}; the runner drives every case itself");
+    }
+    let mut hooks = runner::HookGuard {
+        rt: rt.clone(),
+        started: false,
+    };
+    if let Some(setup) = &opts.setup {
+        hooks.started = true;
+        rt.hook("setup", setup)?;
+    }
+    let ctx = cases::Ctx::new(rt.clone());
+    let selected: Vec<&cases::Case> = all
+        .iter()
+        .filter(|c| opts.only.is_empty() || opts.only.contains(&c.name))
+        .filter(|c| !opts.skip.contains(&c.name))
+        .collect();
+    for (i, case) in selected.iter().enumerate() {
+        let t = Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (case.run)(&ctx)));
+        let (result, detail) = match outcome {
+            Ok(Ok(d)) => (Status::Pass, d),
+            Ok(Err(cases::CaseErr::Na(d))) => (Status::NotApplicable, d),
+            Ok(Err(cases::CaseErr::Fail(e))) => (Status::Fail, format!("{e:#}")),
+            Err(p) => (
+                Status::Fail,
+                format!(
+                    "runner panic: {}",
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
+                ),
+            ),
+        };
+        let c = CaseReport {
+            name: case.name.clone(),
+            result,
+            required: case.req == cases::Req::Required,
+            seconds: t.elapsed().as_secs_f64(),
+            detail,
+        };
+        if opts.progress {
+            eprintln!(
+                "[{}/{}] {:<32} {:<5} {:.1}s",
+                i + 1,
+                selected.len(),
+                c.name,
+                c.result.as_str(),
+                c.seconds
+            );
+        }
+        report.cases.push(c);
+    }
+    if let Err(e) = ctx.drop_anchor() {
+        eprintln!("cni-conformance: warning: DEL of the anchor pod: {e:#}");
+    }
+    drop(ctx);
+    if let Err(e) = hooks.stop() {
+        eprintln!("cni-conformance: warning: {e:#}");
+    }
+    if opts.keep_workdir {
+        let p = _workdir.path().to_path_buf();
+        std::mem::forget(_workdir);
+        eprintln!("cni-conformance: work dir kept at {}", p.display());
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.finish();
+    Ok(report)
+}
