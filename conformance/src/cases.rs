@@ -107,10 +107,21 @@ impl Ctx {
         Ok(())
     }
 
+    /// The node's state once it is still (links of namespaces deleted earlier vanish
+    /// asynchronously, so two reads 50 ms apart must agree).
     pub fn baseline(&self) -> Result<Base> {
         self.with_anchor(|_| Ok(()))?;
+        let mut node = self.rt.node_state()?;
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(50));
+            let again = self.rt.node_state()?;
+            if again == node {
+                break;
+            }
+            node = again;
+        }
         Ok(Base {
-            node: self.rt.node_state()?,
+            node,
             alloc: self.rt.alloc_snapshot()?,
         })
     }

@@ -268,28 +268,25 @@ impl Plugins {
             b
         });
         let pid = child.id() as i32;
-        let mut killed = false;
-        let status = loop {
-            if let Some(st) = child.try_wait()? {
-                break st;
-            }
-            if start.elapsed() >= after {
-                // SAFETY: kill(2) on our own child's process group.
-                unsafe {
-                    libc::kill(-pid, libc::SIGKILL);
-                }
-                killed = true;
-                break child.wait()?;
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        };
-        let elapsed = start.elapsed();
-        if killed {
-            // Anything else left in the group (it is gone already if the kill landed).
+        // A waiter thread reaps the child; we wait on its signal with a timeout (no polling).
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let waiter = std::thread::spawn(move || {
+            let st = child.wait();
+            let _ = tx.send(());
+            st
+        });
+        let timed_out = rx.recv_timeout(after).is_err();
+        if timed_out {
+            // SAFETY: kill(2) on our own child's process group (the plugin and what it spawned).
             unsafe {
                 libc::kill(-pid, libc::SIGKILL);
             }
         }
+        let status = waiter
+            .join()
+            .map_err(|_| anyhow!("waiter thread panicked"))??;
+        let killed = timed_out && status.signal().is_some();
+        let elapsed = start.elapsed();
         let _ = writer.join();
         let stdout = String::from_utf8_lossy(&rd_out.join().unwrap_or_default()).into_owned();
         let stderr = String::from_utf8_lossy(&rd_err.join().unwrap_or_default()).into_owned();

@@ -3,7 +3,7 @@
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -110,7 +110,6 @@ impl Cnitool {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("running {}", self.bin.display()))?;
-        let start = Instant::now();
         let pid = child.id() as i32;
         let mut out = child.stdout.take().expect("piped");
         let mut err = child.stderr.take().expect("piped");
@@ -124,20 +123,21 @@ impl Cnitool {
             let _ = std::io::Read::read_to_string(&mut err, &mut s);
             s
         });
-        let status = loop {
-            if let Some(st) = child.try_wait()? {
-                break st;
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let waiter = std::thread::spawn(move || {
+            let st = child.wait();
+            let _ = tx.send(());
+            st
+        });
+        if rx.recv_timeout(self.timeout).is_err() {
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
             }
-            if start.elapsed() > self.timeout {
-                unsafe {
-                    libc::kill(-pid, libc::SIGKILL);
-                }
-                let st = child.wait()?;
-                let _ = (ro.join(), re.join());
-                bail!("cnitool {verb} timed out after {:?}: {st}", self.timeout);
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
+            let st = waiter.join().map_err(|_| anyhow!("waiter panicked"))??;
+            let _ = (ro.join(), re.join());
+            bail!("cnitool {verb} timed out after {:?}: {st}", self.timeout);
+        }
+        let status = waiter.join().map_err(|_| anyhow!("waiter panicked"))??;
         Ok(CnitoolOut {
             verb: verb.to_string(),
             code: status.code(),
