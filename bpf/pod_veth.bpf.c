@@ -60,7 +60,10 @@ int to_pod(struct __sk_buff *skb)
 	reason = parse_packet(skb, &pkt);
 	if (reason != CONTINUE)
 		return finish(skb, &pkt, reason);
-	if (pkt.is_frag || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP))
+	/* Fragments carry no ports; towards a pod they are never for a VIP. */
+	if (pkt.is_frag)
+		return finish(skb, &pkt, REASON_PASS_FRAGMENT);
+	if (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
 		return finish(skb, &pkt, REASON_PASS);
 	/* A service reply: restore the frontend as its source. */
 	return finish(skb, &pkt, ct_reverse(skb, &pkt));

@@ -35,6 +35,7 @@
 
 /* What the parser learnt of one packet; everything in network order but tcp_flags. */
 struct packet {
+	__u32  len;             /* frame length as received: what the counters count */
 	__u32  l4_off;          /* from the start of the frame; honours IP options */
 	__be32 saddr;
 	__be32 daddr;
@@ -70,15 +71,16 @@ static __always_inline int swap_macs(struct __sk_buff *skb)
 	return bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0);
 }
 
-/* The one exit: count the outcome, then pass, drop or bounce the packet. */
+/* The one exit: count the outcome (with the length the packet arrived with, not what a reject
+ * turned it into), then pass, drop or bounce the packet. */
 static __always_inline int finish(struct __sk_buff *skb, const struct packet *pkt, int reason)
 {
-	counter_add(&sl_rsn_v1, reason, skb->len);
+	counter_add(&sl_rsn_v1, reason, pkt->len);
 	if (reason >= REASON_FIRST_DROP)
 		return TC_ACT_SHOT;
 	if (pkt->redirect_back) {
 		if (swap_macs(skb) < 0) {
-			counter_add(&sl_rsn_v1, REASON_DROP_REWRITE, skb->len);
+			counter_add(&sl_rsn_v1, REASON_DROP_REWRITE, pkt->len);
 			return TC_ACT_SHOT;
 		}
 		return bpf_redirect(skb->ifindex, 0);

@@ -130,7 +130,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct packet *pkt,
 			return reason;
 	}
 
-	counter_add(&sl_svc_v1, fe->svc_id, skb->len);
+	counter_add(&sl_svc_v1, fe->svc_id, pkt->len);
 	err = nat_apply(skb, pkt, &flow);
 	if (err)
 		return err;

@@ -20,6 +20,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 	__be16 h_proto;
 	__u32 ip_len, hdr_len;
 
+	pkt->len = skb->len;
 	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &h_proto, sizeof(h_proto)) < 0)
 		return REASON_PASS_NON_IPV4;
 	if (h_proto != bpf_htons(ETH_P_IP))

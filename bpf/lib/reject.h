@@ -10,7 +10,8 @@
 /* linux/icmp.h drags in libc's socket headers; the three values we need, from RFC 792. */
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
-#define ICMP_QUOTE_LEN    8 /* the original IP header and 8 bytes of its payload */
+#define ICMP_QUOTE_LEN    8 /* quoted after the original IP header: 8 bytes of its payload */
+#define IP_HDR_MAX_LEN    60 /* IHL 15 */
 
 struct icmp_unreach_hdr {
 	__u8   type;
@@ -22,8 +23,8 @@ struct icmp_unreach_hdr {
 struct icmp_reject {
 	struct iphdr ip;
 	struct icmp_unreach_hdr icmp;
-	struct iphdr orig_ip;
-	__u8 orig_l4[ICMP_QUOTE_LEN];
+	/* The original IP header, options included, then ICMP_QUOTE_LEN bytes of its payload. */
+	__u8 quote[IP_HDR_MAX_LEN + ICMP_QUOTE_LEN];
 };
 
 static __always_inline __sum16 csum_fold32(__u32 csum)
@@ -35,27 +36,31 @@ static __always_inline __sum16 csum_fold32(__u32 csum)
 
 /**
  * reject_port_unreachable - rewrite @skb in place into ICMP dest-unreachable/port for its sender.
+ * The quote is the original IP header with its options and 8 bytes of payload (RFC 792), so the
+ * client finds its socket from the quoted ports whatever the header length.
  * Return: REASON_NO_BACKEND with pkt->redirect_back set, or REASON_DROP_NO_BACKEND when the packet
- * cannot be turned around (IP options, helper failure): the client then times out instead.
+ * cannot be turned around (helper failure): the client then times out instead.
  */
 static __always_inline int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
 {
 	struct icmp_reject r = {};
+	/* parse_packet guarantees 5 <= ihl <= 15 and a full TCP/UDP header after it; the mask also
+	 * bounds the lengths below for the verifier. */
+	__u32 quote_len = (pkt->ihl & 0xf) * 4 + ICMP_QUOTE_LEN;
+	__u32 len = sizeof(r.ip) + sizeof(r.icmp) + quote_len;
 	__s64 sum;
 
-	if (pkt->ihl != 5)
-		return REASON_DROP_NO_BACKEND;
-	if (bpf_skb_load_bytes(skb, IP_OFF, &r.orig_ip, sizeof(r.orig_ip) + ICMP_QUOTE_LEN) < 0)
+	if (bpf_skb_load_bytes(skb, IP_OFF, r.quote, quote_len) < 0)
 		return REASON_DROP_NO_BACKEND;
 	/* Keep Ethernet + the quote, then open room for the new IP and ICMP headers before it. */
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r.orig_ip) + ICMP_QUOTE_LEN, 0) < 0)
+	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0) < 0)
 		return REASON_DROP_NO_BACKEND;
 	if (bpf_skb_adjust_room(skb, sizeof(r.ip) + sizeof(r.icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
 		return REASON_DROP_NO_BACKEND;
 
 	r.ip.version = 4;
 	r.ip.ihl = 5;
-	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.tot_len = bpf_htons(len);
 	r.ip.ttl = 64;
 	r.ip.protocol = IPPROTO_ICMP;
 	r.ip.saddr = pkt->daddr;
@@ -67,13 +72,12 @@ static __always_inline int reject_port_unreachable(struct __sk_buff *skb, struct
 
 	r.icmp.type = ICMP_DEST_UNREACH;
 	r.icmp.code = ICMP_PORT_UNREACH;
-	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp,
-			    sizeof(r.icmp) + sizeof(r.orig_ip) + ICMP_QUOTE_LEN, 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp, sizeof(r.icmp) + quote_len, 0);
 	if (sum < 0)
 		return REASON_DROP_NO_BACKEND;
 	r.icmp.checksum = csum_fold32((__u32)sum);
 
-	if (bpf_skb_store_bytes(skb, IP_OFF, &r, sizeof(r), 0) < 0)
+	if (bpf_skb_store_bytes(skb, IP_OFF, &r, len, 0) < 0)
 		return REASON_DROP_NO_BACKEND;
 	pkt->redirect_back = 1;
 	return REASON_NO_BACKEND;
