@@ -224,7 +224,7 @@ impl Drop for TempDir {
     }
 }
 
-/// Removes namespaces and bpffs pins that killed runs left behind (names start with PREFIX and
+/// Removes namespaces, temporary directories and bpffs pins that killed runs left behind (names start with PREFIX and
 /// carry a pid that no longer runs). Safe to call while other test processes run.
 pub fn sweep_leftovers() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
@@ -234,6 +234,14 @@ pub fn sweep_leftovers() {
         let name = line.split_whitespace().next().unwrap_or("");
         if name.starts_with(PREFIX) && !owner_alive(name) {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PREFIX) && e.path().is_dir() && !owner_alive(&name) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {

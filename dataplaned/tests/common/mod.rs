@@ -1,0 +1,247 @@
+//! A sluice node for end-to-end tests: a node netns with an uplink to an "external" netns, sluiced
+//! running inside it, a CNI config, and helpers to add pods with the real plugin and cnitool.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+pub use cni_conformance::fixture::{require_root, run, unique, veth_between, wait_for, Netns, Proc, TempDir};
+use serde_json::Value;
+
+/// Where `sluice` (built by `cargo build --release`) is; sluiced/sluicectl come from this package.
+pub fn plugin_dir() -> PathBuf {
+    let dir = std::env::var_os("SLUICE_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
+    assert!(dir.join("sluice").exists(), "{}/sluice missing: run `cargo build --release` first (scripts/test.sh does)", dir.display());
+    dir
+}
+
+pub const SLUICED: &str = env!("CARGO_BIN_EXE_sluiced");
+pub const SLUICECTL: &str = env!("CARGO_BIN_EXE_sluicectl");
+
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: String,
+    pub result: Value,
+}
+
+pub struct SluiceNode {
+    pub ns: Netns,
+    pub ext: Netns,
+    pub dir: TempDir,
+    pub bpffs: PathBuf,
+    pub daemon: Option<Proc>,
+    pub extra_args: Vec<String>,
+    pub node_ip: String,
+    pub ext_ip: String,
+}
+
+impl SluiceNode {
+    pub fn new() -> Result<SluiceNode> {
+        Self::with_args(&[])
+    }
+
+    /// A node whose daemon gets `extra` flags too (e.g. ["--attach-mode", "tc"]).
+    pub fn with_args(extra: &[&str]) -> Result<SluiceNode> {
+        require_root();
+        cni_conformance::fixture::sweep_leftovers();
+        let ns = Netns::new("n")?;
+        let ext = Netns::new("x")?;
+        veth_between(&ns, "192.168.200.1/24", &ext, "192.168.200.2/24")?;
+        ext.ip(&["route", "add", "10.244.0.0/16", "via", "192.168.200.1"])?;
+        let dir = TempDir::new("d")?;
+        let bpffs = PathBuf::from("/sys/fs/bpf").join(unique("b"));
+        std::fs::create_dir_all(dir.path().join("net.d"))?;
+        let mut node = SluiceNode {
+            ns,
+            ext,
+            dir,
+            bpffs,
+            daemon: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            node_ip: "192.168.200.1".into(),
+            ext_ip: "192.168.200.2".into(),
+        };
+        node.write_conflist("1.0.0", &[])?;
+        node.start_daemon()?;
+        Ok(node)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("sluiced.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn netconf_dir(&self) -> PathBuf {
+        self.dir.path().join("net.d")
+    }
+
+    /// The plugin's own config object (for direct invocations).
+    pub fn plugin_conf(&self, version: &str) -> Value {
+        serde_json::json!({"cniVersion": version, "name": "sluice", "type": "sluice",
+            "socket": self.socket(), "mtu": 1500})
+    }
+
+    /// Writes net.d/10-sluice.conflist: sluice then `chained` plugin objects.
+    pub fn write_conflist(&self, version: &str, chained: &[Value]) -> Result<()> {
+        let mut plugins = vec![serde_json::json!({"type": "sluice", "socket": self.socket(), "mtu": 1500})];
+        plugins.extend(chained.iter().cloned());
+        let list = serde_json::json!({"cniVersion": version, "name": "sluice", "plugins": plugins});
+        std::fs::write(self.netconf_dir().join("10-sluice.conflist"), serde_json::to_vec_pretty(&list)?)?;
+        Ok(())
+    }
+
+    pub fn start_daemon(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("sluiced.log"))?;
+        let mut cmd = self.ns.command(SLUICED);
+        cmd.arg("--socket").arg(self.socket())
+            .arg("--state-dir").arg(self.state_dir())
+            .arg("--bpffs").arg(&self.bpffs)
+            .args(["--node-name", "test-node", "--pod-cidr", "10.244.0.0/24"])
+            .args(&self.extra_args)
+            .env("SLUICE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut proc = Proc::spawn("sluiced", &mut cmd)?;
+        let sock = self.socket();
+        let ns = self.ns.path();
+        let started = wait_for("sluiced to answer", Duration::from_secs(20), || {
+            if !proc.is_running() {
+                bail!("sluiced exited");
+            }
+            Ok(sock.exists() && Command::new("nsenter").arg(format!("--net={}", ns.display())).arg(SLUICECTL)
+                .arg("--socket").arg(&sock).arg("status").stdout(Stdio::null()).stderr(Stdio::null())
+                .status()?.success())
+        });
+        if let Err(e) = started {
+            bail!("{e:#}\n--- sluiced.log ---\n{}", self.daemon_log());
+        }
+        self.daemon = Some(proc);
+        Ok(())
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sluiced.log")).unwrap_or_default()
+    }
+
+    pub fn kill9_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill9();
+        }
+    }
+
+    pub fn stop_daemon(&mut self) -> Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            let st = d.terminate(Duration::from_secs(10)).context("sluiced did not exit on SIGTERM")?;
+            if !st.success() {
+                bail!("sluiced exited with {st} on SIGTERM\n{}", self.daemon_log());
+            }
+        }
+        Ok(())
+    }
+
+    /// cnitool VERB for `pod` inside the node netns.
+    pub fn cnitool(&self, verb: &str, pod: &Netns) -> Output {
+        self.ns
+            .command("cnitool")
+            .args([verb, "sluice"])
+            .arg(pod.path())
+            .env("CNI_PATH", format!("{}:/usr/lib/cni", plugin_dir().display()))
+            .env("NETCONFPATH", self.netconf_dir())
+            .output()
+            .expect("running cnitool")
+    }
+
+    /// Creates a pod netns and ADDs it with cnitool.
+    pub fn add_pod(&self) -> Result<Pod> {
+        let ns = Netns::new("p")?;
+        let out = self.cnitool("add", &ns);
+        if !out.status.success() {
+            bail!("cnitool add failed: {}{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), self.daemon_log());
+        }
+        let result: Value = serde_json::from_slice(&out.stdout).context("cnitool add output")?;
+        let ip = result["ips"][0]["address"].as_str().context("no ip")?.split('/').next().unwrap().to_string();
+        Ok(Pod { ns, ip, result })
+    }
+
+    /// Runs the plugin binary directly (our own runtime): for verbs and IDs cnitool cannot do.
+    pub fn plugin(&self, env: &[(&str, &str)], stdin: &Value) -> Output {
+        use std::io::Write;
+        let mut cmd = self.ns.command(plugin_dir().join("sluice"));
+        cmd.env_clear().env("CNI_PATH", plugin_dir()).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn sluice");
+        child.stdin.take().unwrap().write_all(stdin.to_string().as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn sluicectl(&self, args: &[&str]) -> Result<Output> {
+        run(self.ns.command(SLUICECTL).arg("--socket").arg(self.socket()).args(args))
+    }
+
+    pub fn status_json(&self) -> Result<Value> {
+        let out = self.sluicectl(&["status", "-o", "json"])?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for SluiceNode {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.terminate(Duration::from_secs(5));
+        }
+        let _ = self
+            .ns
+            .command(SLUICED)
+            .arg("--cleanup")
+            .arg("--socket").arg(self.socket())
+            .arg("--state-dir").arg(self.state_dir())
+            .arg("--bpffs").arg(&self.bpffs)
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        if std::thread::panicking() {
+            eprintln!("--- sluiced.log ---\n{}", self.daemon_log());
+        }
+    }
+}
+
+/// A TCP echo server in `ns` on `port`, answering each line with "<its peer's IP> <line>".
+pub fn echo_server(ns: &Netns, port: u16) -> Result<Proc> {
+    let script = format!(
+        r#"
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {port})); s.listen(128)
+def serve(c, a):
+    f = c.makefile("rwb")
+    for line in f:
+        f.write(a[0].encode() + b" " + line); f.flush()
+    c.close()
+while True:
+    c, a = s.accept()
+    threading.Thread(target=serve, args=(c, a), daemon=True).start()
+"#
+    );
+    let p = Proc::spawn("echo-server", ns.command("python3").args(["-c", &script]).stdout(Stdio::null()))?;
+    let probe = format!("import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()");
+    wait_for("echo server", Duration::from_secs(10), || Ok(ns.command("python3").args(["-c", &probe]).stderr(Stdio::null()).status()?.success()))?;
+    Ok(p)
+}
+
+/// One request/response over a fresh TCP connection from `ns`: returns what the server saw as our IP.
+pub fn tcp_ask(ns: &Netns, addr: &str, port: u16) -> Result<String> {
+    let script = format!(
+        "import socket\nc = socket.create_connection(('{addr}', {port}), 3)\nc.sendall(b'hi\\n')\nprint(c.makefile().readline().split()[0])"
+    );
+    let out = run(ns.command("python3").args(["-c", &script]))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
