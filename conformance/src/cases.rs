@@ -438,7 +438,46 @@ fn schema_case(ctx: &Ctx, v: &str) -> CaseResult {
     if schema::sandbox_addresses(&result, &pod.att.ifname).is_empty() {
         fail!("the result gives {} no address", pod.att.ifname);
     }
+    // 1.1.0 interfaces may carry their MTU: it must be the link's.
+    if version_ge(v, "1.1.0") {
+        let pod_links = netstate::links(&pod.ns_name)?;
+        let node_links = netstate::links(&rt.node.name)?;
+        for i in result
+            .get("interfaces")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let Some(mtu) = i.get("mtu").and_then(Value::as_u64) else {
+                continue;
+            };
+            let name = i.get("name").and_then(Value::as_str).unwrap_or("");
+            let in_pod = i
+                .get("sandbox")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty());
+            let links = if in_pod { &pod_links } else { &node_links };
+            match links.iter().find(|l| l.name == name) {
+                Some(l) if l.mtu == mtu => {}
+                Some(l) => fail!(
+                    "interface {name} has MTU {} but the result says {mtu}",
+                    l.mtu
+                ),
+                None => fail!("interface {name} of the result does not exist"),
+            }
+        }
+    }
     let mut via = "raw output checked".to_string();
+    if version_ge(v, "0.4.0") {
+        let c = cni::check(&rt.plugins, &list, &pod.att, &result)?;
+        if !c.ok() {
+            fail!(
+                "CHECK with this {v} result as prevResult failed: {}",
+                c.failure.unwrap_or_default()
+            );
+        }
+        via.push_str(", CHECK with it passes");
+    }
     if version_ge(CNITOOL_MAX, v) && rt.cnitool.is_some() {
         let mut p2 = Pod::via_cnitool(rt, "rc", list.clone())?;
         let r2 = p2.add().context("the same ADD through cnitool (libcni)")?;
@@ -941,6 +980,15 @@ fn status_gc_old_case(ctx: &Ctx) -> CaseResult {
 }
 
 fn gc_case(ctx: &Ctx) -> CaseResult {
+    gc_keys_case(ctx, cni::GC_KEYS)
+}
+
+fn gc_tag_key_case(ctx: &Ctx) -> CaseResult {
+    gc_keys_case(ctx, &["cni.dev/attachments"])
+        .map(|d| format!("list under cni.dev/attachments only: {d}"))
+}
+
+fn gc_keys_case(ctx: &Ctx, keys: &[&str]) -> CaseResult {
     let rt = &ctx.rt;
     if !rt.advertises("1.1.0") {
         na!(
@@ -963,7 +1011,7 @@ fn gc_case(ctx: &Ctx) -> CaseResult {
         .into_iter()
         .filter(|(c, i)| !(*c == drop.att.container_id && *i == drop.att.ifname))
         .collect();
-    let out = cni::gc(&rt.plugins, &list, Some(&valid))?;
+    let out = cni::gc_with_keys(&rt.plugins, &list, Some(&valid), keys)?;
     out.check_ok("GC")?;
     ctx.back_to(&with_keep, Duration::from_secs(5))
         .context("GC did not release the unlisted attachment")?;
@@ -1389,6 +1437,104 @@ fn del_down_case(ctx: &Ctx) -> CaseResult {
     )
 }
 
+fn check_daemon_down_case(ctx: &Ctx) -> CaseResult {
+    let rt = &ctx.rt;
+    let Some((setup, teardown)) = ctx.hooks() else {
+        na!("needs --setup and --teardown (to stop the plugin's daemon)");
+    };
+    if !has_check(rt, &rt.default_version) {
+        na!("CHECK needs 0.4.0 or later");
+    }
+    ctx.with_anchor(|_| Ok(()))?;
+    let mut pod = Pod::new(rt, "cd")?;
+    pod.add()?;
+    let before = pod.try_check()?;
+    if !before.ok {
+        fail!("CHECK right after ADD failed: {}", before.detail);
+    }
+    rt.hook("teardown", &teardown)?;
+    let c = pod.try_check();
+    rt.hook("setup", &setup)?;
+    let c = c?;
+    pod.del()?;
+    if c.ok {
+        fail!("CHECK passed while the daemon was stopped (the spec lists \"external dependencies such as a daemon required for connectivity\")");
+    }
+    Ok(format!(
+        "CHECK fails while the daemon is stopped: {}",
+        first_line(&c)
+    ))
+}
+
+fn add_daemon_down_case(ctx: &Ctx) -> CaseResult {
+    let rt = &ctx.rt;
+    let Some((setup, teardown)) = ctx.hooks() else {
+        na!("needs --setup and --teardown (to stop the plugin's daemon)");
+    };
+    let base = ctx.baseline()?;
+    let mut pod = Pod::own(rt, "ad", rt.list_v(&rt.default_version))?;
+    let pod_before = netstate::snapshot(&pod.ns_name)?;
+    rt.hook("teardown", &teardown)?;
+    let a = pod.try_add();
+    let node_down = rt.node_state();
+    rt.hook("setup", &setup)?;
+    let a = a?;
+    if a.ok {
+        fail!("ADD succeeded with the daemon stopped");
+    }
+    let inv = a
+        .last
+        .as_ref()
+        .ok_or_else(|| anyhow!("ADD ran no plugin"))?;
+    let e = inv.cni_error().context("ADD with the daemon stopped")?;
+    let diff = base.node.diff(&node_down?);
+    if !diff.is_empty() {
+        fail!(
+            "the failed ADD left, in the node namespace: {}",
+            diff.join("; ")
+        );
+    }
+    let pod_after = netstate::snapshot(&pod.ns_name)?;
+    if pod_after != pod_before {
+        fail!(
+            "the failed ADD left, in the pod namespace: {}",
+            pod_before.diff(&pod_after).join("; ")
+        );
+    }
+    pod.del().context("DEL after the failed ADD")?;
+    ctx.back_to(&base, Duration::from_secs(5))?;
+    Ok(format!(
+        "ADD with the daemon stopped fails (code {}: {}) and leaves nothing",
+        e.code, e.msg
+    ))
+}
+
+fn bad_ifname_case(ctx: &Ctx) -> CaseResult {
+    let rt = &ctx.rt;
+    let mut bad = Vec::new();
+    let mut codes = Vec::new();
+    for name in ["eth0:1", "a/b", "has space", "x23456789012345678", ".."] {
+        let pod = scratch(&rt.clone(), "bi")?;
+        let env = CniEnv {
+            ifname: Some(name.to_string()),
+            ..CniEnv::for_att("ADD", &pod.att)
+        };
+        let inv = direct(rt, env, &serde_json::to_vec(&main_conf(rt)).unwrap())?;
+        match inv.cni_error() {
+            Ok(e) if e.code == 4 => codes.push(format!("{name:?}")),
+            Ok(e) => bad.push(format!("{name:?}: code {} ({})", e.code, e.msg)),
+            Err(e) => bad.push(format!("{name:?}: {e:#}")),
+        }
+    }
+    if !bad.is_empty() {
+        fail!(
+            "invalid CNI_IFNAME not rejected with error 4: {}",
+            bad.join("; ")
+        );
+    }
+    Ok(format!("error 4 for {}", codes.join(", ")))
+}
+
 fn restart_case(ctx: &Ctx) -> CaseResult {
     let rt = &ctx.rt;
     let Some((setup, teardown)) = ctx.hooks() else {
@@ -1458,6 +1604,12 @@ pub fn all() -> Vec<Case> {
         Required,
         "ADD without CNI_CONTAINERID gives error 4",
         Box::new(missing_container_case),
+    );
+    add(
+        "bad-ifname-code-4",
+        Advisory,
+        "an invalid CNI_IFNAME gives error 4",
+        Box::new(bad_ifname_case),
     );
     add(
         "unsupported-version-code-1",
@@ -1565,6 +1717,12 @@ pub fn all() -> Vec<Case> {
         Box::new(gc_case),
     );
     add(
+        "gc-spec-tag-key",
+        Advisory,
+        "GC honours the list under spec tag 1.1.0's key cni.dev/attachments alone",
+        Box::new(gc_tag_key_case),
+    );
+    add(
         "gc-without-list-is-safe",
         Advisory,
         "GC without an attachment list releases nothing",
@@ -1599,6 +1757,18 @@ pub fn all() -> Vec<Case> {
         Advisory,
         "DEL succeeds with the daemon stopped (needs hooks)",
         Box::new(del_down_case),
+    );
+    add(
+        "check-detects-daemon-down",
+        Advisory,
+        "CHECK fails while the plugin's daemon is stopped (needs hooks)",
+        Box::new(check_daemon_down_case),
+    );
+    add(
+        "add-daemon-down",
+        Advisory,
+        "ADD with the daemon stopped fails with a spec error and leaves nothing (needs hooks)",
+        Box::new(add_daemon_down_case),
     );
     add(
         "restart-keeps-pods",

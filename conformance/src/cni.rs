@@ -602,14 +602,28 @@ pub fn status(p: &Plugins, list: &NetList) -> Result<ListOut> {
 /// GC (1.1.0) to every plugin of the list. `valid` None sends no list at all (as upstream
 /// `cnitool gc` does); otherwise both keys libcni sends.
 pub fn gc(p: &Plugins, list: &NetList, valid: Option<&[(String, String)]>) -> Result<ListOut> {
+    gc_with_keys(p, list, valid, GC_KEYS)
+}
+
+/// The keys libcni puts the valid-attachment list under: the current one and spec tag 1.1.0's.
+pub const GC_KEYS: &[&str] = &["cni.dev/valid-attachments", "cni.dev/attachments"];
+
+/// GC with the list under the given keys only.
+pub fn gc_with_keys(
+    p: &Plugins,
+    list: &NetList,
+    valid: Option<&[(String, String)]>,
+    keys: &[&str],
+) -> Result<ListOut> {
     let mut extra = Map::new();
     if let Some(valid) = valid {
         let l: Vec<Value> = valid
             .iter()
             .map(|(c, i)| json!({"containerID": c, "ifname": i}))
             .collect();
-        extra.insert("cni.dev/valid-attachments".into(), Value::Array(l.clone()));
-        extra.insert("cni.dev/attachments".into(), Value::Array(l));
+        for k in keys {
+            extra.insert(k.to_string(), Value::Array(l.clone()));
+        }
     }
     let mut out = ListOut::default();
     for i in 0..list.plugins().len() {

@@ -52,6 +52,7 @@ pub struct Link {
     pub mac: String,
     pub up: bool,
     pub kind: String,
+    pub mtu: u64,
 }
 
 pub fn links(ns: &str) -> Result<Vec<Link>> {
@@ -69,6 +70,7 @@ pub fn links(ns: &str) -> Result<Vec<Link>> {
                 .get("linkinfo")
                 .map(|i| s(i, "info_kind").to_string())
                 .unwrap_or_default(),
+            mtu: l.get("mtu").and_then(Value::as_u64).unwrap_or(0),
         })
         .collect())
 }

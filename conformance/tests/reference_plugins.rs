@@ -13,9 +13,12 @@ const NOT_APPLICABLE: &[&str] = &[
     "status",
     "status-gc-need-1.1.0",
     "gc",
+    "gc-spec-tag-key",
     "gc-without-list-is-safe",
     "status-daemon-down",
     "del-daemon-down",
+    "check-detects-daemon-down",
+    "add-daemon-down",
     "restart-keeps-pods",
 ];
 
