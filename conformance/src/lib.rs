@@ -48,14 +48,9 @@ pub fn run(opts: runner::Options) -> Result<Report> {
     if let Some(e) = &rt.cnitool_error {
         eprintln!("cni-conformance: warning: {e}; the runner drives every case itself");
     }
-    let mut hooks = runner::HookGuard {
-        rt: rt.clone(),
-        started: false,
-    };
-    if let Some(setup) = &opts.setup {
-        hooks.started = true;
-        rt.hook("setup", setup)?;
-    }
+    let hooks = runner::HookGuard { rt: rt.clone() };
+    abort_on_signals(rt.clone(), opts.keep_workdir);
+    rt.start_hooks()?;
     let ctx = cases::Ctx::new(rt.clone());
     let selected: Vec<&cases::Case> = all
         .iter()
@@ -103,7 +98,7 @@ pub fn run(opts: runner::Options) -> Result<Report> {
         eprintln!("cni-conformance: warning: DEL of the anchor pod: {e:#}");
     }
     drop(ctx);
-    if let Err(e) = hooks.stop() {
+    if let Err(e) = hooks.rt.stop_hooks() {
         eprintln!("cni-conformance: warning: {e:#}");
     }
     if opts.keep_workdir {
@@ -114,4 +109,55 @@ pub fn run(opts: runner::Options) -> Result<Report> {
     report.seconds = started.elapsed().as_secs_f64();
     report.finish();
     Ok(report)
+}
+
+static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::SeqCst);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write(2) is async-signal-safe.
+        unsafe {
+            libc::write(fd, &b as *const u8 as *const libc::c_void, 1);
+        }
+    }
+}
+
+/// On SIGINT/SIGTERM/SIGHUP: stop the hooks (so a daemon started by --setup does not outlive
+/// the run), delete the node namespace and the work dir, exit 128+signal. Pod namespaces of
+/// cases in flight are swept by the next run.
+fn abort_on_signals(rt: std::sync::Arc<runner::Rt>, keep_workdir: bool) {
+    let mut fds = [0; 2];
+    // SAFETY: plain pipe(2) and sigaction(2); the handler only writes to the pipe.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return;
+        }
+        SIGNAL_PIPE.store(fds[1], std::sync::atomic::Ordering::SeqCst);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    let rfd = fds[0];
+    std::thread::spawn(move || {
+        let mut b = 0u8;
+        // SAFETY: reading one byte from our pipe.
+        let n = unsafe { libc::read(rfd, &mut b as *mut u8 as *mut libc::c_void, 1) };
+        if n != 1 {
+            return;
+        }
+        eprintln!("cni-conformance: signal {b}: stopping the hooks and removing the node namespace");
+        if let Err(e) = rt.stop_hooks() {
+            eprintln!("cni-conformance: {e:#}");
+        }
+        let _ = std::process::Command::new("ip").args(["netns", "del", &rt.node.name]).status();
+        if !keep_workdir {
+            let _ = std::fs::remove_dir_all(&rt.workdir);
+        }
+        std::process::exit(128 + b as i32);
+    });
 }

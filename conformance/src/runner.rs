@@ -88,6 +88,7 @@ pub struct Rt {
     pub live: Mutex<BTreeSet<(String, String)>>,
     confdirs: Mutex<HashMap<String, PathBuf>>,
     hooks_log: PathBuf,
+    pub hooks_started: std::sync::atomic::AtomicBool,
 }
 
 pub fn version_ge(a: &str, b: &str) -> bool {
@@ -682,35 +683,46 @@ pub fn tcp_echo(
 /// Runs the hooks' teardown (and cleanup) once, also when the run panics.
 pub struct HookGuard {
     pub rt: Arc<Rt>,
-    pub started: bool,
 }
 
-impl HookGuard {
-    pub fn stop(&mut self) -> Result<()> {
-        let mut first_err = None;
-        if self.started {
-            self.started = false;
-            if let Some(t) = self.rt.opts.teardown.clone() {
-                if let Err(e) = self.rt.hook("teardown", &t) {
-                    first_err = Some(e);
-                }
+impl Drop for HookGuard {
+    fn drop(&mut self) {
+        let _ = self.rt.stop_hooks();
+    }
+}
+
+impl Rt {
+    /// Runs --setup (if given); from then on, --teardown and --cleanup run once at the end.
+    pub fn start_hooks(&self) -> Result<()> {
+        match self.opts.setup.clone() {
+            Some(s) => {
+                self.hooks_started.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.hook("setup", &s)
             }
-            if let Some(c) = self.rt.opts.cleanup.clone() {
-                if let Err(e) = self.rt.hook("cleanup", &c) {
-                    first_err.get_or_insert(e);
-                }
+            None => Ok(()),
+        }
+    }
+
+    /// --teardown then --cleanup, once (also from the signal handler thread).
+    pub fn stop_hooks(&self) -> Result<()> {
+        if !self.hooks_started.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut first_err = None;
+        if let Some(t) = self.opts.teardown.clone() {
+            if let Err(e) = self.hook("teardown", &t) {
+                first_err = Some(e);
+            }
+        }
+        if let Some(c) = self.opts.cleanup.clone() {
+            if let Err(e) = self.hook("cleanup", &c) {
+                first_err.get_or_insert(e);
             }
         }
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-}
-
-impl Drop for HookGuard {
-    fn drop(&mut self) {
-        let _ = self.stop();
     }
 }
 
@@ -829,6 +841,7 @@ pub fn prepare(opts: Options) -> Result<(Arc<Rt>, TempDir)> {
         live: Mutex::new(BTreeSet::new()),
         confdirs: Mutex::new(HashMap::new()),
         hooks_log,
+        hooks_started: std::sync::atomic::AtomicBool::new(false),
         opts,
     };
     Ok((Arc::new(rt), workdir))
