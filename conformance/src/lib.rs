@@ -37,6 +37,8 @@ pub fn run(opts: runner::Options) -> Result<Report> {
         cnitool_version: rt.cnitool_version.clone(),
         default_version: rt.default_version.clone(),
         allocation_probe: rt.alloc.describe(),
+        node_netns: rt.node_path().display().to_string(),
+        workdir: rt.workdir.display().to_string(),
         cases: Vec::new(),
         passed: 0,
         failed: 0,
@@ -49,7 +51,7 @@ pub fn run(opts: runner::Options) -> Result<Report> {
         eprintln!("cni-conformance: warning: {e}; the runner drives every case itself");
     }
     let hooks = runner::HookGuard { rt: rt.clone() };
-    abort_on_signals(rt.clone(), opts.keep_workdir);
+    abort_on_signals(std::sync::Arc::downgrade(&rt), opts.keep_workdir);
     rt.start_hooks()?;
     let ctx = cases::Ctx::new(rt.clone());
     let selected: Vec<&cases::Case> = all
@@ -127,7 +129,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
 /// On SIGINT/SIGTERM/SIGHUP: stop the hooks (so a daemon started by --setup does not outlive
 /// the run), delete the node namespace and the work dir, exit 128+signal. Pod namespaces of
 /// cases in flight are swept by the next run.
-fn abort_on_signals(rt: std::sync::Arc<runner::Rt>, keep_workdir: bool) {
+fn abort_on_signals(rt: std::sync::Weak<runner::Rt>, keep_workdir: bool) {
     let mut fds = [0; 2];
     // SAFETY: plain pipe(2) and sigaction(2); the handler only writes to the pipe.
     unsafe {
@@ -150,11 +152,20 @@ fn abort_on_signals(rt: std::sync::Arc<runner::Rt>, keep_workdir: bool) {
         if n != 1 {
             return;
         }
-        eprintln!("cni-conformance: signal {b}: stopping the hooks and removing the node namespace");
+        // A weak reference: the run's state must drop (deleting the node namespace) when the
+        // run ends normally.
+        let Some(rt) = rt.upgrade() else {
+            std::process::exit(128 + b as i32)
+        };
+        eprintln!(
+            "cni-conformance: signal {b}: stopping the hooks and removing the node namespace"
+        );
         if let Err(e) = rt.stop_hooks() {
             eprintln!("cni-conformance: {e:#}");
         }
-        let _ = std::process::Command::new("ip").args(["netns", "del", &rt.node.name]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &rt.node.name])
+            .status();
         if !keep_workdir {
             let _ = std::fs::remove_dir_all(&rt.workdir);
         }

@@ -41,6 +41,9 @@ pub struct Report {
     pub cnitool_version: Option<String>,
     pub default_version: String,
     pub allocation_probe: String,
+    /// The node namespace and work dir the run used (both gone when it ends).
+    pub node_netns: String,
+    pub workdir: String,
     pub cases: Vec<CaseReport>,
     pub passed: usize,
     pub failed: usize,

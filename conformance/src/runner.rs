@@ -696,7 +696,8 @@ impl Rt {
     pub fn start_hooks(&self) -> Result<()> {
         match self.opts.setup.clone() {
             Some(s) => {
-                self.hooks_started.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.hooks_started
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 self.hook("setup", &s)
             }
             None => Ok(()),
@@ -705,7 +706,10 @@ impl Rt {
 
     /// --teardown then --cleanup, once (also from the signal handler thread).
     pub fn stop_hooks(&self) -> Result<()> {
-        if !self.hooks_started.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        if !self
+            .hooks_started
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
             return Ok(());
         }
         let mut first_err = None;

@@ -141,6 +141,14 @@ pub fn run_suite(label: &str, args: &[String], envs: &[(&str, String)]) -> Run {
         )
     });
     let report: Value = serde_json::from_str(&text).expect("report is JSON");
+    // The run removed what it made.
+    for k in ["node_netns", "workdir"] {
+        let p = report[k].as_str().unwrap_or("");
+        assert!(
+            !p.is_empty() && !Path::new(p).exists(),
+            "{label}: {k} {p} still exists after the run"
+        );
+    }
     Run {
         label: label.to_string(),
         code: out.status.code(),
