@@ -18,7 +18,9 @@ fn main() {
         // `sluicectl -o json` prints replies as they are.
         .type_attribute(".", "#[derive(serde::Serialize)]")
         .compile_protos(&["proto/sluice.proto"], &["proto"])
-        .expect("compiling proto/sluice.proto (is protoc installed? apt-get install protobuf-compiler)");
+        .expect(
+            "compiling proto/sluice.proto (is protoc installed? apt-get install protobuf-compiler)",
+        );
 
     if env::var_os("CARGO_FEATURE_BPF").is_some() {
         build_bpf(&out);
@@ -64,7 +66,12 @@ fn pick_clang() -> PathBuf {
         return PathBuf::from(c);
     }
     for c in ["clang-22", "clang-19", "clang-16", "clang-14", "clang"] {
-        if Command::new(c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false) {
+        if Command::new(c)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
             return PathBuf::from(c);
         }
     }

@@ -1,6 +1,12 @@
 //! The BPF skeletons, one per attach point (see build.rs), generated into OUT_DIR.
 
-#[allow(clippy::all, missing_docs, non_camel_case_types, non_upper_case_globals, dead_code)]
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals,
+    dead_code
+)]
 pub mod pod_veth {
     include!(concat!(env!("OUT_DIR"), "/pod_veth.skel.rs"));
 }

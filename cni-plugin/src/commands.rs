@@ -14,7 +14,7 @@ use sluice_core::proto::{
 };
 use tonic::transport::Channel;
 
-use crate::error::{err, Code, CniError, Result};
+use crate::error::{err, CniError, Code, Result};
 use crate::netlink::{format_mac, Netlink};
 use crate::result::{add_result, expected_from_prev, PodNetwork};
 use crate::spec::{Env, NetConf};
@@ -34,14 +34,22 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
 }
 
 fn attachment_ref(env: &Env) -> AttachmentRef {
-    AttachmentRef { container_id: env.container_id.clone(), ifname: env.ifname.clone() }
+    AttachmentRef {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+    }
 }
 
 async fn daemon(conf: &NetConf, timeout: Duration) -> Result<DataplaneClient<Channel>> {
-    sluice_core::client::connect(Path::new(&conf.socket), timeout).await.map_err(|e| {
-        err(Code::TryAgainLater, format!("sluiced is not reachable at {}", conf.socket))
+    sluice_core::client::connect(Path::new(&conf.socket), timeout)
+        .await
+        .map_err(|e| {
+            err(
+                Code::TryAgainLater,
+                format!("sluiced is not reachable at {}", conf.socket),
+            )
             .with_details(source_chain(&e))
-    })
+        })
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
@@ -66,7 +74,8 @@ fn daemon_err(what: &str) -> impl FnOnce(tonic::Status) -> CniError + '_ {
 }
 
 fn open_netns(path: &str) -> Result<File> {
-    File::open(path).map_err(|e| err(Code::InvalidEnv, format!("cannot open CNI_NETNS {path}")).with_details(e))
+    File::open(path)
+        .map_err(|e| err(Code::InvalidEnv, format!("cannot open CNI_NETNS {path}")).with_details(e))
 }
 
 pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
@@ -77,10 +86,16 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
 
     // A second ADD must fail before it touches anything the first one made.
     if pod.link(&env.ifname).await?.is_some() {
-        return Err(err(Code::InterfaceExists, format!("interface {} already exists in {}", env.ifname, env.netns)));
+        return Err(err(
+            Code::InterfaceExists,
+            format!("interface {} already exists in {}", env.ifname, env.netns),
+        ));
     }
     if host.link(&host_if).await?.is_some() {
-        return Err(err(Code::InterfaceExists, format!("host interface {host_if} already exists")));
+        return Err(err(
+            Code::InterfaceExists,
+            format!("host interface {host_if} already exists"),
+        ));
     }
 
     let mut client = daemon(conf, CONNECT_TIMEOUT).await?;
@@ -89,7 +104,11 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
             r#ref: Some(attachment_ref(env)),
             netns: env.netns.clone(),
             host_ifname: host_if.clone(),
-            pod_namespace: env.args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_default(),
+            pod_namespace: env
+                .args
+                .get("K8S_POD_NAMESPACE")
+                .cloned()
+                .unwrap_or_default(),
             pod_name: env.args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
         })
         .await
@@ -97,7 +116,18 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
         .into_inner();
 
     let mut created_link = false;
-    let result = setup(env, conf, &netns, &host, &pod, &host_if, &alloc, &mut created_link, &mut client).await;
+    let result = setup(
+        env,
+        conf,
+        &netns,
+        &host,
+        &pod,
+        &host_if,
+        &alloc,
+        &mut created_link,
+        &mut client,
+    )
+    .await;
     if let Err(e) = &result {
         tracing::warn!(error = %e, "ADD failed, rolling back");
         if created_link {
@@ -106,7 +136,12 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
             }
         }
         if alloc.newly_allocated {
-            if let Err(e) = client.release(ReleaseRequest { r#ref: Some(attachment_ref(env)) }).await {
+            if let Err(e) = client
+                .release(ReleaseRequest {
+                    r#ref: Some(attachment_ref(env)),
+                })
+                .await
+            {
                 tracing::warn!(error = %e, "rollback: releasing the IP");
             }
         }
@@ -130,27 +165,38 @@ async fn setup(
     let ip: Ipv4Addr = alloc.ip.parse().map_err(|_| bad_reply("IP"))?;
     let gateway: Ipv4Addr = alloc.gateway.parse().map_err(|_| bad_reply("gateway"))?;
 
-    host.create_veth(host_if, &HOST_MAC, &env.ifname, netns, conf.mtu).await?;
+    host.create_veth(host_if, &HOST_MAC, &env.ifname, netns, conf.mtu)
+        .await?;
     *created_link = true;
-    let host_link = host.link(host_if).await?.ok_or_else(|| err(Code::Netlink, format!("{host_if} vanished")))?;
-    let pod_link = pod
-        .link(&env.ifname)
+    let host_link = host
+        .link(host_if)
         .await?
-        .ok_or_else(|| err(Code::Netlink, format!("{} missing in the pod netns after creation", env.ifname)))?;
+        .ok_or_else(|| err(Code::Netlink, format!("{host_if} vanished")))?;
+    let pod_link = pod.link(&env.ifname).await?.ok_or_else(|| {
+        err(
+            Code::Netlink,
+            format!("{} missing in the pod netns after creation", env.ifname),
+        )
+    })?;
 
     // Pod side: ip/32, the gateway on-link with a fixed neighbour entry, default route through it.
     pod.add_address(pod_link.index, ip, 32).await?;
     pod.set_up(pod_link.index).await?;
     pod.add_route(gateway, 32, pod_link.index, None).await?;
-    pod.add_neighbour(pod_link.index, gateway, &HOST_MAC).await?;
-    pod.add_route(Ipv4Addr::UNSPECIFIED, 0, pod_link.index, Some(gateway)).await?;
+    pod.add_neighbour(pod_link.index, gateway, &HOST_MAC)
+        .await?;
+    pod.add_route(Ipv4Addr::UNSPECIFIED, 0, pod_link.index, Some(gateway))
+        .await?;
 
     // Host side: up, and a /32 route to the pod through it.
     host.set_up(host_link.index).await?;
     host.add_route(ip, 32, host_link.index, None).await?;
 
     client
-        .attach(AttachRequest { r#ref: Some(attachment_ref(env)), host_ifname: host_if.to_string() })
+        .attach(AttachRequest {
+            r#ref: Some(attachment_ref(env)),
+            host_ifname: host_if.to_string(),
+        })
         .await
         .map_err(daemon_err("attaching the pod's programs"))?;
 
@@ -181,7 +227,9 @@ pub async fn del(env: &Env, conf: &NetConf) -> Result<()> {
     match daemon(conf, CONNECT_TIMEOUT).await {
         Ok(mut client) => {
             client
-                .release(ReleaseRequest { r#ref: Some(attachment_ref(env)) })
+                .release(ReleaseRequest {
+                    r#ref: Some(attachment_ref(env)),
+                })
                 .await
                 .map_err(daemon_err("releasing the IP"))?;
         }
@@ -200,13 +248,20 @@ pub async fn check(env: &Env, conf: &NetConf) -> Result<()> {
 
     let netns = open_netns(&env.netns)?;
     let pod = Netlink::in_netns(&netns)?;
-    let link = pod.link(&env.ifname).await?.ok_or_else(|| fail(format!("{} is missing from {}", env.ifname, env.netns)))?;
+    let link = pod
+        .link(&env.ifname)
+        .await?
+        .ok_or_else(|| fail(format!("{} is missing from {}", env.ifname, env.netns)))?;
     if !link.up {
         return Err(fail(format!("{} is down", env.ifname)));
     }
     if let Some(mac) = &want.mac {
         if *mac != format_mac(&link.mac) {
-            return Err(fail(format!("{} has MAC {} instead of {mac}", env.ifname, format_mac(&link.mac))));
+            return Err(fail(format!(
+                "{} has MAC {} instead of {mac}",
+                env.ifname,
+                format_mac(&link.mac)
+            )));
         }
     }
     let have = pod.addresses(link.index).await?;
@@ -217,14 +272,22 @@ pub async fn check(env: &Env, conf: &NetConf) -> Result<()> {
     }
     let routes = pod.routes(link.index).await?;
     for (dst, prefix, gw) in &want.routes {
-        if !routes.iter().any(|(d, p, g)| d == dst && p == prefix && g == gw) {
-            return Err(fail(format!("route {dst}/{prefix} via {gw:?} is missing in the pod")));
+        if !routes
+            .iter()
+            .any(|(d, p, g)| d == dst && p == prefix && g == gw)
+        {
+            return Err(fail(format!(
+                "route {dst}/{prefix} via {gw:?} is missing in the pod"
+            )));
         }
     }
 
     let host = Netlink::here()?;
     let host_if = host_ifname(&env.container_id, &env.ifname);
-    let host_link = host.link(&host_if).await?.ok_or_else(|| fail(format!("host interface {host_if} is missing")))?;
+    let host_link = host
+        .link(&host_if)
+        .await?
+        .ok_or_else(|| fail(format!("host interface {host_if} is missing")))?;
     let host_routes = host.routes(host_link.index).await?;
     for (ip, _, _) in &want.ips {
         if !host_routes.iter().any(|(d, p, _)| d == ip && *p == 32) {
@@ -245,7 +308,10 @@ pub async fn check(env: &Env, conf: &NetConf) -> Result<()> {
         return Err(fail("sluiced has not attached the pod's programs".into()));
     }
     if !want.ips.iter().any(|(ip, _, _)| ip.to_string() == att.ip) {
-        return Err(fail(format!("sluiced holds {} for this container, prevResult does not", att.ip)));
+        return Err(fail(format!(
+            "sluiced holds {} for this container, prevResult does not",
+            att.ip
+        )));
     }
     Ok(())
 }
@@ -278,14 +344,18 @@ pub async fn gc(conf: &NetConf) -> Result<()> {
         .gc(GcRequest {
             valid: keep
                 .iter()
-                .map(|a| AttachmentRef { container_id: a.container_id.clone(), ifname: a.ifname.clone() })
+                .map(|a| AttachmentRef {
+                    container_id: a.container_id.clone(),
+                    ifname: a.ifname.clone(),
+                })
                 .collect(),
         })
         .await
         .map_err(daemon_err("garbage collection"))?
         .into_inner();
     if !reply.errors.is_empty() {
-        return Err(err(Code::Daemon, "GC could not release everything").with_details(reply.errors.join("; ")));
+        return Err(err(Code::Daemon, "GC could not release everything")
+            .with_details(reply.errors.join("; ")));
     }
     Ok(())
 }

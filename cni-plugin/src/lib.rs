@@ -37,7 +37,11 @@ pub async fn run(command: Command, env: &Env, stdin: &[u8]) -> Result<Option<Str
 pub fn error_version(stdin: &[u8]) -> String {
     serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(|s| s.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|s| s.as_str())
+                .map(str::to_string)
+        })
         .filter(|v| spec::SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| spec::LATEST.to_string())
 }

@@ -9,13 +9,15 @@ use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
+};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::error::{err, Code, CniError, Result};
+use crate::error::{err, CniError, Code, Result};
 
 /// A link as we need to know it.
 #[derive(Debug, Clone)]
@@ -62,14 +64,20 @@ impl Netlink {
         let conn = rtnetlink::new_connection();
         // Go home before anything else can run on this thread.
         setns(&home, CloneFlags::CLONE_NEWNET).expect("returning to the host netns");
-        let (conn, handle, _) =
-            conn.map_err(|e| err(Code::Netlink, "opening a netlink socket in the pod netns").with_details(e))?;
+        let (conn, handle, _) = conn.map_err(|e| {
+            err(Code::Netlink, "opening a netlink socket in the pod netns").with_details(e)
+        })?;
         tokio::spawn(conn);
         Ok(Netlink { handle })
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<Link>> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match links.try_next().await {
             Ok(Some(msg)) => Ok(Some(to_link(msg))),
             Ok(None) => Ok(None),
@@ -100,7 +108,10 @@ impl Netlink {
             .build();
         self.handle.link().add(msg).execute().await.map_err(|e| {
             if errno(&e) == Some(libc::EEXIST) {
-                err(Code::InterfaceExists, format!("interface {host_name} or {peer_name} already exists"))
+                err(
+                    Code::InterfaceExists,
+                    format!("interface {host_name} or {peer_name} already exists"),
+                )
             } else {
                 nl_err(format!("creating veth {host_name} <-> {peer_name}"))(e)
             }
@@ -109,12 +120,19 @@ impl Netlink {
 
     pub async fn set_up(&self, index: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).up().build();
-        self.handle.link().set(msg).execute().await.map_err(nl_err("setting link up"))
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nl_err("setting link up"))
     }
 
     /// Deletes a link; a missing one is not an error.
     pub async fn delete_link(&self, name: &str) -> Result<bool> {
-        let Some(link) = self.link(name).await? else { return Ok(false) };
+        let Some(link) = self.link(name).await? else {
+            return Ok(false);
+        };
         match self.handle.link().del(link.index).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
@@ -155,7 +173,13 @@ impl Netlink {
     }
 
     /// `dst/prefix` out of `oif`, through `gw` (scope universe) or directly (scope link).
-    pub async fn add_route(&self, dst: Ipv4Addr, prefix: u8, oif: u32, gw: Option<Ipv4Addr>) -> Result<()> {
+    pub async fn add_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix: u8,
+        oif: u32,
+        gw: Option<Ipv4Addr>,
+    ) -> Result<()> {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, prefix)
             .output_interface(oif);
@@ -235,5 +259,8 @@ fn to_link(msg: LinkMessage) -> Link {
 }
 
 pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

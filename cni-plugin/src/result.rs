@@ -20,7 +20,10 @@ pub struct PodNetwork {
 }
 
 fn array(v: Option<&Value>, key: &str) -> Vec<Value> {
-    v.and_then(|v| v.get(key)).and_then(Value::as_array).cloned().unwrap_or_default()
+    v.and_then(|v| v.get(key))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The ADD result: prevResult (if any) with our interfaces, address and route appended, in the
@@ -30,7 +33,10 @@ pub fn add_result(cni_version: &str, prev: Option<&Value>, pod: &PodNetwork) -> 
     let mut interfaces = array(prev, "interfaces");
     let mut ips = array(prev, "ips");
     let mut routes = array(prev, "routes");
-    let dns = prev.and_then(|p| p.get("dns")).cloned().unwrap_or_else(|| json!({}));
+    let dns = prev
+        .and_then(|p| p.get("dns"))
+        .cloned()
+        .unwrap_or_else(|| json!({}));
 
     let mut host = json!({"name": pod.host_ifname, "mac": pod.host_mac});
     let mut inner = json!({"name": pod.ifname, "mac": pod.pod_mac, "sandbox": pod.netns});
@@ -52,8 +58,12 @@ pub fn add_result(cni_version: &str, prev: Option<&Value>, pod: &PodNetwork) -> 
     for ip in &mut ips {
         if let Some(o) = ip.as_object_mut() {
             if cni_version == "0.4.0" {
-                let six = o.get("address").and_then(Value::as_str).is_some_and(|a| a.contains(':'));
-                o.entry("version").or_insert(json!(if six { "6" } else { "4" }));
+                let six = o
+                    .get("address")
+                    .and_then(Value::as_str)
+                    .is_some_and(|a| a.contains(':'));
+                o.entry("version")
+                    .or_insert(json!(if six { "6" } else { "4" }));
             } else {
                 o.remove("version");
             }
@@ -83,26 +93,45 @@ pub fn expected_from_prev(prev: &Value, ifname: &str) -> Result<Expected> {
         .iter()
         .position(|i| {
             i.get("name").and_then(Value::as_str) == Some(ifname)
-                && i.get("sandbox").and_then(Value::as_str).is_some_and(|s| !s.is_empty())
+                && i.get("sandbox")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty())
         })
         .ok_or_else(|| bad(&format!("no interface {ifname} in a sandbox")))?;
-    let mac = interfaces[index].get("mac").and_then(Value::as_str).map(str::to_lowercase);
+    let mac = interfaces[index]
+        .get("mac")
+        .and_then(Value::as_str)
+        .map(str::to_lowercase);
     let mut ips = Vec::new();
     for ip in array(Some(prev), "ips") {
         if ip.get("interface").and_then(Value::as_u64) != Some(index as u64) {
             continue;
         }
-        let addr = ip.get("address").and_then(Value::as_str).ok_or_else(|| bad("ip without address"))?;
+        let addr = ip
+            .get("address")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("ip without address"))?;
         let (a, p) = parse_cidr(addr).ok_or_else(|| bad(&format!("address {addr:?}")))?;
-        let gw = ip.get("gateway").and_then(Value::as_str).and_then(|g| g.parse().ok());
+        let gw = ip
+            .get("gateway")
+            .and_then(Value::as_str)
+            .and_then(|g| g.parse().ok());
         ips.push((a, p, gw));
     }
     let mut routes = Vec::new();
     for r in array(Some(prev), "routes") {
-        let dst = r.get("dst").and_then(Value::as_str).ok_or_else(|| bad("route without dst"))?;
+        let dst = r
+            .get("dst")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("route without dst"))?;
         // IPv6 routes of other plugins are not ours to check.
-        let Some((d, p)) = parse_cidr(dst) else { continue };
-        let gw = r.get("gw").and_then(Value::as_str).and_then(|g| g.parse().ok());
+        let Some((d, p)) = parse_cidr(dst) else {
+            continue;
+        };
+        let gw = r
+            .get("gw")
+            .and_then(Value::as_str)
+            .and_then(|g| g.parse().ok());
         routes.push((d, p, gw));
     }
     Ok(Expected { mac, ips, routes })

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::{err, Code, CniError, Result};
+use crate::error::{err, CniError, Code, Result};
 
 /// Versions we answer for, exactly (a config with any other cniVersion gets error 1).
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
@@ -41,7 +41,12 @@ pub fn read_env(get: impl Fn(&str) -> Option<String>) -> Result<(Command, Env)> 
         Some("STATUS") => Command::Status,
         Some("VERSION") => Command::Version,
         Some("GC") => Command::Gc,
-        Some(other) => return Err(err(Code::InvalidEnv, format!("unknown CNI_COMMAND {other:?}"))),
+        Some(other) => {
+            return Err(err(
+                Code::InvalidEnv,
+                format!("unknown CNI_COMMAND {other:?}"),
+            ))
+        }
         None => return Err(err(Code::InvalidEnv, "CNI_COMMAND is not set")),
     };
     let mut env = Env {
@@ -67,9 +72,12 @@ pub fn read_env(get: impl Fn(&str) -> Option<String>) -> Result<(Command, Env)> 
 pub fn parse_args(s: &str) -> Result<HashMap<String, String>> {
     let mut out = HashMap::new();
     for pair in s.split(';').filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| err(Code::InvalidEnv, format!("CNI_ARGS: {pair:?} is not KEY=VALUE")))?;
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            err(
+                Code::InvalidEnv,
+                format!("CNI_ARGS: {pair:?} is not KEY=VALUE"),
+            )
+        })?;
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)
@@ -88,7 +96,10 @@ pub fn validate_container_id(id: &str) -> Result<()> {
     } else if id.is_empty() {
         Err(err(Code::InvalidEnv, "CNI_CONTAINERID is not set"))
     } else {
-        Err(err(Code::InvalidEnv, format!("CNI_CONTAINERID {id:?} has invalid characters")))
+        Err(err(
+            Code::InvalidEnv,
+            format!("CNI_CONTAINERID {id:?} has invalid characters"),
+        ))
     }
 }
 
@@ -99,9 +110,14 @@ pub fn validate_ifname(name: &str) -> Result<()> {
     if name.len() > 15
         || name == "."
         || name == ".."
-        || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
     {
-        return Err(err(Code::InvalidEnv, format!("CNI_IFNAME {name:?} is not a valid interface name")));
+        return Err(err(
+            Code::InvalidEnv,
+            format!("CNI_IFNAME {name:?} is not a valid interface name"),
+        ));
     }
     Ok(())
 }
@@ -148,25 +164,39 @@ fn default_mtu() -> u32 {
 impl NetConf {
     /// Decodes stdin: not JSON → 6; JSON of the wrong shape → 7; a version we do not speak → 1.
     pub fn parse(stdin: &[u8]) -> Result<NetConf> {
-        let value: Value = serde_json::from_slice(stdin)
-            .map_err(|e| err(Code::Decode, "network configuration is not valid JSON").with_details(e))?;
+        let value: Value = serde_json::from_slice(stdin).map_err(|e| {
+            err(Code::Decode, "network configuration is not valid JSON").with_details(e)
+        })?;
         if !value.is_object() {
-            return Err(err(Code::Decode, "network configuration is not a JSON object"));
+            return Err(err(
+                Code::Decode,
+                "network configuration is not a JSON object",
+            ));
         }
-        let conf: NetConf = serde_json::from_value(value)
-            .map_err(|e| err(Code::InvalidConfig, "invalid network configuration").with_details(e))?;
+        let conf: NetConf = serde_json::from_value(value).map_err(|e| {
+            err(Code::InvalidConfig, "invalid network configuration").with_details(e)
+        })?;
         if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
             return Err(err(
                 Code::IncompatibleVersion,
                 format!("incompatible CNI version {:?}", conf.cni_version),
             )
-            .with_details(format!("supported versions: {}", SUPPORTED_VERSIONS.join(", "))));
+            .with_details(format!(
+                "supported versions: {}",
+                SUPPORTED_VERSIONS.join(", ")
+            )));
         }
         if conf.name.is_empty() {
-            return Err(err(Code::InvalidConfig, "network configuration has an empty \"name\""));
+            return Err(err(
+                Code::InvalidConfig,
+                "network configuration has an empty \"name\"",
+            ));
         }
         if !(68..=65535).contains(&conf.mtu) {
-            return Err(err(Code::InvalidConfig, format!("mtu {} is out of range 68..65535", conf.mtu)));
+            return Err(err(
+                Code::InvalidConfig,
+                format!("mtu {} is out of range 68..65535", conf.mtu),
+            ));
         }
         if conf.socket.is_empty() {
             return Err(err(Code::InvalidConfig, "\"socket\" is empty"));
@@ -179,7 +209,10 @@ impl NetConf {
         if version_tuple(&self.cni_version) < (1, 1, 0) {
             return Err(err(
                 Code::IncompatibleVersion,
-                format!("{verb} needs cniVersion 1.1.0 or later, config has {}", self.cni_version),
+                format!(
+                    "{verb} needs cniVersion 1.1.0 or later, config has {}",
+                    self.cni_version
+                ),
             ));
         }
         Ok(())
@@ -187,13 +220,19 @@ impl NetConf {
 
     /// GC's list of attachments to keep, under either key. None: the runtime sent no list.
     pub fn gc_keep_list(&self) -> Option<&[GcAttachment]> {
-        self.valid_attachments.as_deref().or(self.attachments.as_deref())
+        self.valid_attachments
+            .as_deref()
+            .or(self.attachments.as_deref())
     }
 }
 
 pub fn version_tuple(v: &str) -> (u32, u32, u32) {
     let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0), it.next().unwrap_or(0))
+    (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+    )
 }
 
 /// VERSION's answer; `stdin` may be empty or carry {"cniVersion": ...}.
@@ -203,10 +242,15 @@ pub fn version_info(stdin: &[u8]) -> Result<String> {
     } else {
         let v: Value = serde_json::from_slice(stdin)
             .map_err(|e| err(Code::Decode, "VERSION input is not valid JSON").with_details(e))?;
-        v.get("cniVersion").and_then(Value::as_str).unwrap_or(LATEST).to_string()
+        v.get("cniVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(LATEST)
+            .to_string()
     };
-    Ok(serde_json::json!({"cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS})
-        .to_string())
+    Ok(
+        serde_json::json!({"cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS})
+            .to_string(),
+    )
 }
 
 impl From<std::io::Error> for CniError {

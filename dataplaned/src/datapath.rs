@@ -14,7 +14,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use libbpf_rs::query::{LinkInfo, LinkTypeInfo};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, MapHandle, MapInfo, ProgramAttachType, TcHookBuilder, TC_EGRESS, TC_INGRESS};
+use libbpf_rs::{
+    MapCore, MapFlags, MapHandle, MapInfo, ProgramAttachType, TcHookBuilder, TC_EGRESS, TC_INGRESS,
+};
 use sluice_core::bpf::pod_veth::types;
 use sluice_core::bpf::pod_veth::PodVethSkelBuilder;
 
@@ -39,8 +41,12 @@ impl AttachMode {
 
     /// tcx where the kernel has it (6.6+), clsact otherwise.
     pub fn detect() -> AttachMode {
-        let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
-        let mut it = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut it = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
         let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
         if (major, minor) >= (6, 6) {
             AttachMode::Tcx
@@ -62,7 +68,13 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        MapSizes { frontends: 65536, backends: 262144, conntrack: 524288, affinity: 65536, pods: 16384 }
+        MapSizes {
+            frontends: 65536,
+            backends: 262144,
+            conntrack: 524288,
+            affinity: 65536,
+            pods: 16384,
+        }
     }
 }
 
@@ -99,16 +111,29 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 /// Makes sure `dir` lives on a bpffs, mounting one at /sys/fs/bpf if none is there.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     let root = Path::new("/sys/fs/bpf");
-    let is_bpffs = |p: &Path| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false);
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
     if dir.starts_with(root) && !is_bpffs(root) {
         std::fs::create_dir_all(root).ok();
-        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .context("mounting bpffs at /sys/fs/bpf")?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting bpffs at /sys/fs/bpf")?;
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if !is_bpffs(dir) {
-        bail!("{} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)", dir.display());
+        bail!(
+            "{} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        );
     }
     for sub in ["maps", "progs", "links"] {
         std::fs::create_dir_all(dir.join(sub))?;
@@ -131,10 +156,18 @@ fn errno_result(ret: i32) -> std::io::Result<i32> {
 /// If the pinned map at `pin` has another shape than the program wants, unpin it: libbpf would
 /// refuse to reuse it. Its content is lost; a layout change gets a new map name instead.
 fn drop_incompatible_pin(pin: &Path, map_type: libbpf_rs::MapType, key: u32, value: u32, max: u32) {
-    let Ok(old) = MapHandle::from_pinned_path(pin) else { return };
-    let Ok(info) = MapInfo::new(old.as_fd()) else { return };
+    let Ok(old) = MapHandle::from_pinned_path(pin) else {
+        return;
+    };
+    let Ok(info) = MapInfo::new(old.as_fd()) else {
+        return;
+    };
     let i = info.info;
-    if i.type_ != map_type as u32 || i.key_size != key || i.value_size != value || i.max_entries != max {
+    if i.type_ != map_type as u32
+        || i.key_size != key
+        || i.value_size != value
+        || i.max_entries != max
+    {
         tracing::warn!(pin = %pin.display(), old_max = i.max_entries, new_max = max,
             "pinned map has another size or layout: replacing it (its entries are lost)");
         let _ = std::fs::remove_file(pin);
@@ -147,7 +180,9 @@ impl Datapath {
         ensure_bpffs(&cfg.bpffs)?;
         let maps_dir = cfg.bpffs.join("maps");
         let mut storage = MaybeUninit::uninit();
-        let mut open = PodVethSkelBuilder::default().open(&mut storage).context("opening the BPF object")?;
+        let mut open = PodVethSkelBuilder::default()
+            .open(&mut storage)
+            .context("opening the BPF object")?;
 
         let s = cfg.sizes;
         macro_rules! prepare {
@@ -171,21 +206,35 @@ impl Datapath {
             sl_svc_v1 => Some(s.frontends),
         );
 
-        let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
+        let rodata = open
+            .maps
+            .rodata_data
+            .as_deref_mut()
+            .context("BPF object without .rodata")?;
         rodata.hairpin_addr = u32::from(cfg.hairpin_addr).to_be();
         rodata.ct_refresh_ns = cfg.ct_refresh.as_nanos() as u64;
         if cfg.mode == AttachMode::Tcx {
-            open.progs.from_pod.set_attach_type(ProgramAttachType::TcxIngress);
-            open.progs.to_pod.set_attach_type(ProgramAttachType::TcxEgress);
+            open.progs
+                .from_pod
+                .set_attach_type(ProgramAttachType::TcxIngress);
+            open.progs
+                .to_pod
+                .set_attach_type(ProgramAttachType::TcxEgress);
         }
-        let mut skel = open.load().context("loading the BPF programs (verifier log above)")?;
+        let mut skel = open
+            .load()
+            .context("loading the BPF programs (verifier log above)")?;
 
         // Pin the new programs in place of the old ones (live attachments are updated separately).
         let progs_dir = cfg.bpffs.join("progs");
-        for (prog, name) in [(&mut skel.progs.from_pod, "from_pod"), (&mut skel.progs.to_pod, "to_pod")] {
+        for (prog, name) in [
+            (&mut skel.progs.from_pod, "from_pod"),
+            (&mut skel.progs.to_pod, "to_pod"),
+        ] {
             let pin = progs_dir.join(name);
             let _ = std::fs::remove_file(&pin);
-            prog.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+            prog.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
         }
         let from_pod = skel.progs.from_pod.as_fd().try_clone_to_owned()?;
         let to_pod = skel.progs.to_pod.as_fd().try_clone_to_owned()?;
@@ -202,7 +251,13 @@ impl Datapath {
             reasons: open_pin("sl_rsn_v1")?,
             services: open_pin("sl_svc_v1")?,
         };
-        Ok(Datapath { bpffs: cfg.bpffs.clone(), mode: cfg.mode, from_pod, to_pod, maps })
+        Ok(Datapath {
+            bpffs: cfg.bpffs.clone(),
+            mode: cfg.mode,
+            from_pod,
+            to_pod,
+            maps,
+        })
     }
 
     pub fn mode(&self) -> AttachMode {
@@ -211,7 +266,9 @@ impl Datapath {
 
     /// bpffs refuses '.' in names: `<links>/<host_ifname>-ingress`.
     fn link_pin(&self, host_ifname: &str, dir: &str) -> PathBuf {
-        self.bpffs.join("links").join(format!("{host_ifname}-{dir}"))
+        self.bpffs
+            .join("links")
+            .join(format!("{host_ifname}-{dir}"))
     }
 
     /// Attaches (or re-adopts) both programs on a host-side veth and creates its counters.
@@ -228,7 +285,11 @@ impl Datapath {
             }
             AttachMode::Tc => {
                 for (prog, dir) in hooks {
-                    let point = if dir == "ingress" { TC_INGRESS } else { TC_EGRESS };
+                    let point = if dir == "ingress" {
+                        TC_INGRESS
+                    } else {
+                        TC_EGRESS
+                    };
                     let mut hook = TcHookBuilder::new(prog.as_fd())
                         .ifindex(ifindex as i32)
                         .replace(true)
@@ -238,13 +299,19 @@ impl Datapath {
                     if let Err(e) = hook.create() {
                         tracing::debug!(error = %e, "clsact qdisc exists");
                     }
-                    hook.attach().with_context(|| format!("attaching {dir} filter on {host_ifname}"))?;
+                    hook.attach()
+                        .with_context(|| format!("attaching {dir} filter on {host_ifname}"))?;
                     let _ = std::fs::remove_file(self.link_pin(host_ifname, dir));
                 }
             }
         }
-        let zero = vec![as_bytes(&types::pod_stats::default()).to_vec(); libbpf_rs::num_possible_cpus()?];
-        if let Err(e) = self.maps.pods.update_percpu(as_bytes(&ifindex), &zero, MapFlags::NO_EXIST) {
+        let zero =
+            vec![as_bytes(&types::pod_stats::default()).to_vec(); libbpf_rs::num_possible_cpus()?];
+        if let Err(e) = self
+            .maps
+            .pods
+            .update_percpu(as_bytes(&ifindex), &zero, MapFlags::NO_EXIST)
+        {
             if e.kind() != libbpf_rs::ErrorKind::AlreadyExists {
                 return Err(e).context("creating the pod's counters");
             }
@@ -252,23 +319,44 @@ impl Datapath {
         Ok(())
     }
 
-    fn attach_tcx(&self, prog: BorrowedFd<'_>, host_ifname: &str, ifindex: u32, dir: &str) -> Result<()> {
+    fn attach_tcx(
+        &self,
+        prog: BorrowedFd<'_>,
+        host_ifname: &str,
+        ifindex: u32,
+        dir: &str,
+    ) -> Result<()> {
         let pin = self.link_pin(host_ifname, dir);
-        let attach_type = if dir == "ingress" { libbpf_sys::BPF_TCX_INGRESS } else { libbpf_sys::BPF_TCX_EGRESS };
+        let attach_type = if dir == "ingress" {
+            libbpf_sys::BPF_TCX_INGRESS
+        } else {
+            libbpf_sys::BPF_TCX_EGRESS
+        };
         // Re-adopt: a pinned link still on this interface gets the new program in one step.
         if let Ok(link) = libbpf_rs::Link::open(&pin) {
             let same_if = matches!(LinkInfo::from_fd(link.as_fd()).map(|i| i.info),
                 Ok(LinkTypeInfo::Tcx(t)) if t.ifindex == ifindex && t.attach_type.clone() as u32 == attach_type);
             if same_if {
-                errno_result(unsafe { libbpf_sys::bpf_link_update(link.as_fd().as_raw_fd(), prog.as_raw_fd(), std::ptr::null()) })
-                    .with_context(|| format!("updating the {dir} program of {host_ifname}"))?;
+                errno_result(unsafe {
+                    libbpf_sys::bpf_link_update(
+                        link.as_fd().as_raw_fd(),
+                        prog.as_raw_fd(),
+                        std::ptr::null(),
+                    )
+                })
+                .with_context(|| format!("updating the {dir} program of {host_ifname}"))?;
                 return Ok(());
             }
             // Defunct (its veth was deleted) or elsewhere: replace it.
             let _ = std::fs::remove_file(&pin);
         }
         let fd = errno_result(unsafe {
-            libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, attach_type, std::ptr::null())
+            libbpf_sys::bpf_link_create(
+                prog.as_raw_fd(),
+                ifindex as i32,
+                attach_type,
+                std::ptr::null(),
+            )
         })
         .with_context(|| format!("attaching tcx {dir} on {host_ifname} (ifindex {ifindex})"))?;
         let link = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -279,8 +367,16 @@ impl Datapath {
 
     fn detach_tc(&self, ifindex: u32) {
         for point in [TC_INGRESS, TC_EGRESS] {
-            let prog = if point == TC_INGRESS { &self.from_pod } else { &self.to_pod };
-            let mut hook = TcHookBuilder::new(prog.as_fd()).ifindex(ifindex as i32).handle(1).priority(1).hook(point);
+            let prog = if point == TC_INGRESS {
+                &self.from_pod
+            } else {
+                &self.to_pod
+            };
+            let mut hook = TcHookBuilder::new(prog.as_fd())
+                .ifindex(ifindex as i32)
+                .handle(1)
+                .priority(1)
+                .hook(point);
             let _ = hook.detach();
         }
     }
@@ -307,7 +403,9 @@ impl Datapath {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_str()?.to_string();
-                let ifname = name.strip_suffix("-ingress").or_else(|| name.strip_suffix("-egress"))?;
+                let ifname = name
+                    .strip_suffix("-ingress")
+                    .or_else(|| name.strip_suffix("-egress"))?;
                 Some(ifname.to_string())
             })
             .collect();
@@ -319,7 +417,11 @@ impl Datapath {
     /// Sums a pod's per-CPU counters.
     pub fn pod_counters(&self, ifindex: u32) -> types::pod_stats {
         let mut sum = types::pod_stats::default();
-        if let Ok(Some(per_cpu)) = self.maps.pods.lookup_percpu(as_bytes(&ifindex), MapFlags::ANY) {
+        if let Ok(Some(per_cpu)) = self
+            .maps
+            .pods
+            .lookup_percpu(as_bytes(&ifindex), MapFlags::ANY)
+        {
             for v in per_cpu {
                 let s: types::pod_stats = from_bytes(&v);
                 sum.rx_packets += s.rx_packets;
@@ -348,7 +450,13 @@ impl Datapath {
     pub fn programs(&self) -> Vec<(String, u32, PathBuf)> {
         [("from_pod", &self.from_pod), ("to_pod", &self.to_pod)]
             .into_iter()
-            .map(|(n, fd)| (n.to_string(), libbpf_rs::Program::id_from_fd(fd.as_fd()).unwrap_or(0), self.bpffs.join("progs").join(n)))
+            .map(|(n, fd)| {
+                (
+                    n.to_string(),
+                    libbpf_rs::Program::id_from_fd(fd.as_fd()).unwrap_or(0),
+                    self.bpffs.join("progs").join(n),
+                )
+            })
             .collect()
     }
 
@@ -357,14 +465,21 @@ impl Datapath {
         for ifindex in ifindexes {
             for point in [TC_INGRESS, TC_EGRESS] {
                 // Any program fd works to name the filter by handle and priority.
-                if let Ok(fd) = libbpf_rs::Program::fd_from_pinned_path(bpffs.join("progs/from_pod")) {
-                    let mut hook = TcHookBuilder::new(fd.as_fd()).ifindex(*ifindex as i32).handle(1).priority(1).hook(point);
+                if let Ok(fd) =
+                    libbpf_rs::Program::fd_from_pinned_path(bpffs.join("progs/from_pod"))
+                {
+                    let mut hook = TcHookBuilder::new(fd.as_fd())
+                        .ifindex(*ifindex as i32)
+                        .handle(1)
+                        .priority(1)
+                        .hook(point);
                     let _ = hook.detach();
                 }
             }
         }
         if bpffs.exists() {
-            std::fs::remove_dir_all(bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
+            std::fs::remove_dir_all(bpffs)
+                .with_context(|| format!("removing {}", bpffs.display()))?;
         }
         Ok(())
     }

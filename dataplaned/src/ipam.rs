@@ -21,13 +21,19 @@ pub enum IpamError {
     #[error("pod CIDR {0} has no free address")]
     Exhausted(Cidr),
     #[error("IPAM store {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid CIDR {0:?}: want a.b.c.d/len with len <= 30")]
     BadCidr(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IpamError + '_ {
-    move |source| IpamError::Io { path: path.to_owned(), source }
+    move |source| IpamError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// An IPv4 network, e.g. 10.244.0.0/24.
@@ -48,7 +54,10 @@ impl FromStr for Cidr {
             return Err(bad());
         }
         let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
-        Ok(Cidr { network: Ipv4Addr::from(u32::from(addr) & mask), prefix })
+        Ok(Cidr {
+            network: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        })
     }
 }
 
@@ -117,7 +126,13 @@ impl Ipam {
     /// Opens (creating) the store under `dir` and loads every record.
     pub fn open(dir: &Path, cidr: Cidr) -> Result<Ipam, IpamError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let mut ipam = Ipam { dir: dir.to_owned(), cidr, by_key: HashMap::new(), taken: HashMap::new(), cursor: 0 };
+        let mut ipam = Ipam {
+            dir: dir.to_owned(),
+            cidr,
+            by_key: HashMap::new(),
+            taken: HashMap::new(),
+            cursor: 0,
+        };
         for entry in fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -131,7 +146,10 @@ impl Ipam {
                 tracing::warn!(path = %path.display(), "ignoring a stray file in the IPAM store");
                 continue;
             };
-            match fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Allocation>(&b).ok()) {
+            match fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Allocation>(&b).ok())
+            {
                 Some(a) if a.ip == ip => {
                     if !cidr.contains(ip) {
                         tracing::warn!(%ip, %cidr, "allocation outside the pod CIDR kept until released");
@@ -155,7 +173,8 @@ impl Ipam {
     }
 
     pub fn get(&self, container_id: &str, ifname: &str) -> Option<&Allocation> {
-        self.by_key.get(&(container_id.to_string(), ifname.to_string()))
+        self.by_key
+            .get(&(container_id.to_string(), ifname.to_string()))
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Allocation> {
@@ -163,7 +182,11 @@ impl Ipam {
     }
 
     pub fn free_count(&self) -> u32 {
-        let used = self.taken.keys().filter(|ip| self.cidr.contains(**ip)).count() as u32;
+        let used = self
+            .taken
+            .keys()
+            .filter(|ip| self.cidr.contains(**ip))
+            .count() as u32;
         self.cidr.host_count().saturating_sub(used)
     }
 
@@ -175,7 +198,11 @@ impl Ipam {
         }
         let (first, last) = self.cidr.hosts();
         let span = last - first + 1;
-        let start = if (first..=last).contains(&self.cursor) { self.cursor - first + 1 } else { 0 };
+        let start = if (first..=last).contains(&self.cursor) {
+            self.cursor - first + 1
+        } else {
+            0
+        };
         for i in 0..span {
             let ip = Ipv4Addr::from(first + (start + i) % span);
             if self.taken.contains_key(&ip) {
@@ -185,7 +212,9 @@ impl Ipam {
             match self.claim(&want) {
                 Ok(()) => {}
                 // A file we did not know of (another process?): skip the address.
-                Err(IpamError::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(IpamError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                {
                     self.taken.insert(ip, None);
                     continue;
                 }
@@ -214,9 +243,15 @@ impl Ipam {
     }
 
     /// Frees the pair's IP; `None` if it held none.
-    pub fn release(&mut self, container_id: &str, ifname: &str) -> Result<Option<Allocation>, IpamError> {
+    pub fn release(
+        &mut self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Allocation>, IpamError> {
         let key = (container_id.to_string(), ifname.to_string());
-        let Some(a) = self.by_key.get(&key).cloned() else { return Ok(None) };
+        let Some(a) = self.by_key.get(&key).cloned() else {
+            return Ok(None);
+        };
         let path = self.path(a.ip);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -235,9 +270,12 @@ impl Ipam {
 
     fn write_tmp(&self, a: &Allocation) -> Result<PathBuf, IpamError> {
         let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join(format!(".{}.{}.{seq}", a.ip, std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!(".{}.{}.{seq}", a.ip, std::process::id()));
         let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(&serde_json::to_vec(a).expect("allocation JSON")).map_err(io_err(&tmp))?;
+        f.write_all(&serde_json::to_vec(a).expect("allocation JSON"))
+            .map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         Ok(tmp)
     }
@@ -252,7 +290,9 @@ impl Ipam {
     }
 
     fn sync_dir(&self) -> Result<(), IpamError> {
-        fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))
     }
 }
 
@@ -305,11 +345,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ipam = Ipam::open(dir.path(), "10.1.0.0/24".parse().unwrap()).unwrap();
         let (a, _) = ipam.allocate(alloc("c1", "eth0")).unwrap();
-        assert_eq!(ipam.release("c1", "eth0").unwrap().map(|x| x.ip), Some(a.ip));
+        assert_eq!(
+            ipam.release("c1", "eth0").unwrap().map(|x| x.ip),
+            Some(a.ip)
+        );
         assert_eq!(ipam.release("c1", "eth0").unwrap(), None);
         assert_eq!(ipam.release("never", "eth0").unwrap(), None);
         let (b, _) = ipam.allocate(alloc("c2", "eth0")).unwrap();
-        assert_ne!(a.ip, b.ip, "round robin: the released IP is not the next one handed out");
+        assert_ne!(
+            a.ip, b.ip,
+            "round robin: the released IP is not the next one handed out"
+        );
     }
 
     #[test]
@@ -318,7 +364,10 @@ mod tests {
         let mut ipam = Ipam::open(dir.path(), "10.1.0.0/30".parse().unwrap()).unwrap();
         ipam.allocate(alloc("c1", "eth0")).unwrap();
         ipam.allocate(alloc("c2", "eth0")).unwrap();
-        assert!(matches!(ipam.allocate(alloc("c3", "eth0")), Err(IpamError::Exhausted(_))));
+        assert!(matches!(
+            ipam.allocate(alloc("c3", "eth0")),
+            Err(IpamError::Exhausted(_))
+        ));
         assert_eq!(ipam.all().count(), 2);
         assert_eq!(ipam.free_count(), 0);
     }

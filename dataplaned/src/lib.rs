@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod ipam;
 pub mod pod;
 pub mod server;
+pub mod services;
 pub mod state;
 
 use std::future::Future;
@@ -39,13 +40,28 @@ pub struct Config {
     pub hairpin_addr: Ipv4Addr,
     /// How often allocations are checked against existing links.
     pub reconcile_interval: Duration,
+    /// Standalone mode: Kubernetes objects (*.yaml/*.yml/*.json) loaded at start and on change.
+    pub manifests: Option<PathBuf>,
+    /// How often the manifests directory is checked for changes.
+    pub manifests_poll: Duration,
+    /// Conntrack idle timeouts per state.
+    pub ct_timeouts: services::conntrack::Timeouts,
+    /// How often expired conntrack entries are removed.
+    pub ct_gc_interval: Duration,
 }
+
+/// Largest gRPC message either way (an apply of 10,000 Services is a few MB).
+pub const MAX_MESSAGE: usize = 256 << 20;
 
 /// The gateway every pod routes through: link-local, answered by the host-side veth's MAC.
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 /// Serves until `shutdown` resolves; returns when the server has stopped.
-pub async fn run(listener: UnixListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    listener: UnixListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
     enable_forwarding();
@@ -55,18 +71,51 @@ pub async fn run(listener: UnixListener, config: Config, shutdown: impl Future<O
     tracing::info!(node = %config.node_name, pod_cidr = %config.pod_cidr, mode = state.attach_mode().name(),
         socket = %config.socket.display(), "sluiced ready");
 
-    let reconciler = {
+    let mut background = Vec::new();
+    background.push({
         let state = state.clone();
-        let every = config.reconcile_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                state.reconcile_periodic().await;
+        every(config.reconcile_interval, move || {
+            let state = state.clone();
+            async move { state.reconcile_periodic().await }
+        })
+    });
+    background.push({
+        let state = state.clone();
+        every(config.ct_gc_interval, move || {
+            let state = state.clone();
+            async move {
+                let st = state.clone();
+                match tokio::task::spawn_blocking(move || {
+                    services::conntrack::gc(&st.datapath.maps, &st.ct_timeouts)
+                })
+                .await
+                {
+                    Ok(Ok(g)) if g.expired > 0 => {
+                        tracing::debug!(scanned = g.scanned, expired = g.expired, "conntrack gc")
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "conntrack gc"),
+                    Err(e) => tracing::warn!(error = %e, "conntrack gc task"),
+                }
             }
         })
-    };
+    });
+    if config.manifests.is_some() {
+        let state = state.clone();
+        background.push(every(config.manifests_poll, move || {
+            let state = state.clone();
+            async move {
+                let st = state.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let dp = st.datapath.clone();
+                    if let Err(e) = st.lock().services.reload_manifests(&dp.maps) {
+                        tracing::error!(error = %format!("{e:#}"), "applying changed manifests");
+                    }
+                })
+                .await;
+            }
+        }));
+    }
 
     // Only root may talk to the daemon: others' connections are closed at accept.
     let incoming = UnixListenerStream::new(listener).filter(|conn| match conn {
@@ -83,13 +132,37 @@ pub async fn run(listener: UnixListener, config: Config, shutdown: impl Future<O
         },
         Err(_) => true,
     });
+    // Large enough for tens of thousands of objects in one apply.
+    let api =
+        sluice_core::proto::dataplane_server::DataplaneServer::new(server::Api::new(state.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
     let result = tonic::transport::Server::builder()
-        .add_service(sluice_core::proto::dataplane_server::DataplaneServer::new(server::Api::new(state.clone())))
+        .add_service(api)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
-    reconciler.abort();
+    for task in background {
+        task.abort();
+    }
     tracing::info!("sluiced stopped; programs stay attached and maps pinned");
     result.context("gRPC server")
+}
+
+/// Runs `f` every `period` (first run after one period) until aborted.
+fn every<F, Fut>(period: Duration, f: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            f().await;
+        }
+    })
 }
 
 /// Pods route through this node: IPv4 forwarding must be on in its network namespace.
@@ -110,9 +183,11 @@ pub fn bind_socket(path: &std::path::Path) -> Result<UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("another sluiced is serving {}", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::datapath::{reason_name, Datapath};
 use crate::ipam::{Allocation, IpamError};
+use crate::services::{conntrack, ApplyError};
 use crate::state::{ifindex, now_unix, Inner, State};
 use crate::POD_GATEWAY;
 
@@ -26,10 +27,21 @@ impl Api {
     /// Runs `f` under the state lock on the blocking pool.
     async fn locked<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Inner) -> Result<T, Status> + Send + 'static,
+        f: impl FnOnce(&mut Inner, &Datapath) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let state = self.state.clone();
-        tokio::task::spawn_blocking(move || f(&mut state.lock()))
+        tokio::task::spawn_blocking(move || f(&mut state.lock(), &state.datapath))
+            .await
+            .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+    }
+
+    /// Runs `f` on the blocking pool without the lock (map reads only).
+    async fn unlocked<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&State) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&state))
             .await
             .map_err(|e| Status::internal(format!("worker failed: {e}")))?
     }
@@ -38,9 +50,18 @@ impl Api {
 fn pair(r: Option<AttachmentRef>) -> Result<AttachmentRef, Status> {
     let r = r.ok_or_else(|| Status::invalid_argument("missing ref"))?;
     if r.container_id.is_empty() || r.ifname.is_empty() {
-        return Err(Status::invalid_argument("container_id and ifname are required"));
+        return Err(Status::invalid_argument(
+            "container_id and ifname are required",
+        ));
     }
     Ok(r)
+}
+
+fn apply_status(e: ApplyError) -> Status {
+    match e {
+        ApplyError::Invalid(e) => Status::invalid_argument(e.to_string()),
+        ApplyError::Internal(e) => Status::internal(format!("{e:#}")),
+    }
 }
 
 fn ipam_status(e: IpamError) -> Status {
@@ -52,7 +73,11 @@ fn ipam_status(e: IpamError) -> Status {
 
 pub fn attachment(a: &Allocation, dp: &Datapath) -> Attachment {
     let idx = ifindex(&a.host_ifname).unwrap_or(0);
-    let c = if a.host_ifindex != 0 { dp.pod_counters(a.host_ifindex) } else { Default::default() };
+    let c = if a.host_ifindex != 0 {
+        dp.pod_counters(a.host_ifindex)
+    } else {
+        Default::default()
+    };
     Attachment {
         container_id: a.container_id.clone(),
         ifname: a.ifname.clone(),
@@ -74,7 +99,10 @@ pub fn attachment(a: &Allocation, dp: &Datapath) -> Attachment {
 
 #[tonic::async_trait]
 impl Dataplane for Api {
-    async fn allocate(&self, req: Request<AllocateRequest>) -> Result<Response<AllocateReply>, Status> {
+    async fn allocate(
+        &self,
+        req: Request<AllocateRequest>,
+    ) -> Result<Response<AllocateReply>, Status> {
         let req = req.into_inner();
         let r = pair(req.r#ref)?;
         let want = Allocation {
@@ -90,9 +118,12 @@ impl Dataplane for Api {
             created: now_unix(),
         };
         let (a, new, prefix) = self
-            .locked(move |s| {
+            .locked(move |s, _dp| {
                 let prefix = s.ipam.cidr().prefix;
-                s.ipam.allocate(want).map(|(a, new)| (a, new, prefix)).map_err(ipam_status)
+                s.ipam
+                    .allocate(want)
+                    .map(|(a, new)| (a, new, prefix))
+                    .map_err(ipam_status)
             })
             .await?;
         tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip, new, "allocate");
@@ -107,21 +138,25 @@ impl Dataplane for Api {
     async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<AttachReply>, Status> {
         let req = req.into_inner();
         let r = pair(req.r#ref)?;
-        self.locked(move |s| {
+        self.locked(move |s, dp| {
             let mut a = s
                 .ipam
                 .get(&r.container_id, &r.ifname)
                 .cloned()
-                .ok_or_else(|| Status::not_found("no allocation for this container and interface"))?;
+                .ok_or_else(|| {
+                    Status::not_found("no allocation for this container and interface")
+                })?;
             if a.host_ifname != req.host_ifname {
                 return Err(Status::invalid_argument(format!(
                     "allocation is for host interface {}, not {}",
                     a.host_ifname, req.host_ifname
                 )));
             }
-            let idx = ifindex(&a.host_ifname)
-                .ok_or_else(|| Status::failed_precondition(format!("{} does not exist", a.host_ifname)))?;
-            s.datapath.attach(&a.host_ifname, idx).map_err(|e| Status::internal(format!("{e:#}")))?;
+            let idx = ifindex(&a.host_ifname).ok_or_else(|| {
+                Status::failed_precondition(format!("{} does not exist", a.host_ifname))
+            })?;
+            dp.attach(&a.host_ifname, idx)
+                .map_err(|e| Status::internal(format!("{e:#}")))?;
             a.attached = true;
             a.host_ifindex = idx;
             s.ipam.update(a).map_err(ipam_status)
@@ -130,12 +165,15 @@ impl Dataplane for Api {
         Ok(Response::new(AttachReply {}))
     }
 
-    async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<ReleaseReply>, Status> {
+    async fn release(
+        &self,
+        req: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseReply>, Status> {
         let r = pair(req.into_inner().r#ref)?;
         let released = self
-            .locked(move |s| {
+            .locked(move |s, dp| {
                 let Some(a) = s.ipam.get(&r.container_id, &r.ifname).cloned() else { return Ok(false) };
-                s.datapath.detach(&a.host_ifname, a.host_ifindex);
+                dp.detach(&a.host_ifname, a.host_ifindex);
                 s.ipam.release(&r.container_id, &r.ifname).map_err(ipam_status)?;
                 tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip, "release");
                 Ok(true)
@@ -144,24 +182,34 @@ impl Dataplane for Api {
         Ok(Response::new(ReleaseReply { released }))
     }
 
-    async fn get_attachment(&self, req: Request<AttachmentRef>) -> Result<Response<Attachment>, Status> {
+    async fn get_attachment(
+        &self,
+        req: Request<AttachmentRef>,
+    ) -> Result<Response<Attachment>, Status> {
         let r = pair(Some(req.into_inner()))?;
-        self.locked(move |s| {
-            let a = s
-                .ipam
-                .get(&r.container_id, &r.ifname)
-                .ok_or_else(|| Status::not_found("no attachment for this container and interface"))?;
-            Ok(Response::new(attachment(a, &s.datapath)))
+        self.locked(move |s, dp| {
+            let a = s.ipam.get(&r.container_id, &r.ifname).ok_or_else(|| {
+                Status::not_found("no attachment for this container and interface")
+            })?;
+            Ok(Response::new(attachment(a, dp)))
         })
         .await
     }
 
     async fn gc(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
-        let keep: HashSet<(String, String)> =
-            req.into_inner().valid.into_iter().map(|r| (r.container_id, r.ifname)).collect();
+        let keep: HashSet<(String, String)> = req
+            .into_inner()
+            .valid
+            .into_iter()
+            .map(|r| (r.container_id, r.ifname))
+            .collect();
         let doomed: Vec<Allocation> = self
-            .locked(move |s| {
-                Ok(s.ipam.all().filter(|a| !keep.contains(&(a.container_id.clone(), a.ifname.clone()))).cloned().collect())
+            .locked(move |s, _dp| {
+                Ok(s.ipam
+                    .all()
+                    .filter(|a| !keep.contains(&(a.container_id.clone(), a.ifname.clone())))
+                    .cloned()
+                    .collect())
             })
             .await?;
         let mut reply = GcReply::default();
@@ -169,22 +217,32 @@ impl Dataplane for Api {
         let netlink = links::Links::new().map_err(|e| Status::internal(e.to_string()))?;
         for a in doomed {
             if let Err(e) = netlink.delete(&a.host_ifname).await {
-                reply.errors.push(format!("{}: deleting {}: {e}", a.container_id, a.host_ifname));
+                reply.errors.push(format!(
+                    "{}: deleting {}: {e}",
+                    a.container_id, a.host_ifname
+                ));
                 continue;
             }
             let a2 = a.clone();
             let released = self
-                .locked(move |s| {
-                    s.datapath.detach(&a2.host_ifname, a2.host_ifindex);
-                    s.ipam.release(&a2.container_id, &a2.ifname).map_err(ipam_status)
+                .locked(move |s, dp| {
+                    dp.detach(&a2.host_ifname, a2.host_ifindex);
+                    s.ipam
+                        .release(&a2.container_id, &a2.ifname)
+                        .map_err(ipam_status)
                 })
                 .await;
             match released {
                 Ok(_) => {
                     tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip, "gc released");
-                    reply.released.push(AttachmentRef { container_id: a.container_id, ifname: a.ifname });
+                    reply.released.push(AttachmentRef {
+                        container_id: a.container_id,
+                        ifname: a.ifname,
+                    });
                 }
-                Err(e) => reply.errors.push(format!("{}: {}", a.container_id, e.message())),
+                Err(e) => reply
+                    .errors
+                    .push(format!("{}: {}", a.container_id, e.message())),
             }
         }
         Ok(Response::new(reply))
@@ -192,33 +250,157 @@ impl Dataplane for Api {
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let node_name = self.state.node_name.clone();
-        self.locked(move |s| {
-            let mut attachments: Vec<Attachment> = s.ipam.all().map(|a| attachment(a, &s.datapath)).collect();
+        self.locked(move |s, dp| {
+            let mut attachments: Vec<Attachment> =
+                s.ipam.all().map(|a| attachment(a, dp)).collect();
             attachments.sort_by(|a, b| (&a.ip, &a.container_id).cmp(&(&b.ip, &b.container_id)));
             let reasons = (0..32u32)
                 .filter_map(|r| {
                     let name = reason_name(r)?;
-                    let c = Datapath::counter(&s.datapath.maps.reasons, r);
-                    Some(ReasonCounter { reason: r, name: name.to_string(), packets: c.packets, bytes: c.bytes })
+                    let c = Datapath::counter(&dp.maps.reasons, r);
+                    Some(ReasonCounter {
+                        reason: r,
+                        name: name.to_string(),
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    })
                 })
                 .collect();
             Ok(Response::new(StatusReply {
                 ready: true,
                 node_name,
                 pod_cidr: s.ipam.cidr().to_string(),
-                attach_mode: s.datapath.mode().name().to_string(),
+                attach_mode: dp.mode().name().to_string(),
                 attachments,
-                programs: s
-                    .datapath
+                programs: dp
                     .programs()
                     .into_iter()
-                    .map(|(name, id, pin)| Program { name, id, pinned: pin.display().to_string() })
+                    .map(|(name, id, pin)| Program {
+                        name,
+                        id,
+                        pinned: pin.display().to_string(),
+                    })
                     .collect(),
                 reasons,
                 free_ips: s.ipam.free_count(),
+                frontends: s.services.frontend_count() as u32,
             }))
         })
         .await
+    }
+
+    async fn apply(&self, req: Request<ObjectsRequest>) -> Result<Response<ObjectsReply>, Status> {
+        let req = req.into_inner();
+        self.locked(move |s, dp| {
+            let (keys, st) = s.services.apply(&req.text, &req.source, &dp.maps).map_err(apply_status)?;
+            tracing::info!(objects = keys.len(), writes = st.map_writes(), flows_purged = st.flows_purged, source = %req.source, "apply");
+            Ok(Response::new(ObjectsReply {
+                objects: keys.iter().map(|k| k.to_string()).collect(),
+                not_found: vec![],
+                map_writes: st.map_writes() as u32,
+                flows_purged: st.flows_purged as u32,
+            }))
+        })
+        .await
+    }
+
+    async fn delete(&self, req: Request<ObjectsRequest>) -> Result<Response<ObjectsReply>, Status> {
+        let req = req.into_inner();
+        self.locked(move |s, dp| {
+            let (removed, missing) = s.services.delete(&req.text, &req.source, &dp.maps).map_err(apply_status)?;
+            let st = s.services.last_sync;
+            tracing::info!(objects = removed.len(), not_found = missing.len(), source = %req.source, "delete");
+            Ok(Response::new(ObjectsReply {
+                objects: removed.iter().map(|k| k.to_string()).collect(),
+                not_found: missing.iter().map(|k| k.to_string()).collect(),
+                map_writes: st.map_writes() as u32,
+                flows_purged: st.flows_purged as u32,
+            }))
+        })
+        .await
+    }
+
+    async fn list_services(
+        &self,
+        _req: Request<ListRequest>,
+    ) -> Result<Response<ServiceList>, Status> {
+        self.locked(move |s, dp| {
+            let services = s
+                .services
+                .view(&dp.maps)
+                .into_iter()
+                .map(|v| ServiceView {
+                    namespace: v.namespace,
+                    name: v.name,
+                    port: v.port,
+                    protocol: v.protocol.to_string(),
+                    frontends: v.frontends,
+                    svc_id: v.svc_id.map(i64::from).unwrap_or(-1),
+                    affinity_timeout: v.affinity_timeout.unwrap_or(0),
+                    endpoints: v
+                        .endpoints
+                        .into_iter()
+                        .map(|e| EndpointView {
+                            ip: e.ip,
+                            port: e.port as u32,
+                            ready: e.ready,
+                            serving: e.serving,
+                            terminating: e.terminating,
+                            node: e.node,
+                            slot: e.slot.map(i64::from).unwrap_or(-1),
+                        })
+                        .collect(),
+                    packets: v.packets,
+                    bytes: v.bytes,
+                })
+                .collect();
+            Ok(Response::new(ServiceList { services }))
+        })
+        .await
+    }
+
+    async fn list_conntrack(
+        &self,
+        _req: Request<ListRequest>,
+    ) -> Result<Response<ConntrackList>, Status> {
+        let (flows, entries) = self
+            .unlocked(|st| {
+                conntrack::flows(&st.datapath.maps, &st.ct_timeouts)
+                    .map_err(|e| Status::internal(format!("{e:#}")))
+            })
+            .await?;
+        let names = self
+            .locked(move |s, _dp| {
+                let mut ids: Vec<u32> = flows.iter().map(|f| f.svc_id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                Ok((
+                    ids.into_iter()
+                        .map(|i| (i, s.services.set_name(i).unwrap_or_default()))
+                        .collect::<std::collections::HashMap<_, _>>(),
+                    flows,
+                ))
+            })
+            .await?;
+        let (names, flows) = names;
+        Ok(Response::new(ConntrackList {
+            flows: flows
+                .into_iter()
+                .map(|f| FlowView {
+                    protocol: f.protocol.to_string(),
+                    client: f.client,
+                    frontend: f.frontend,
+                    backend: f.backend,
+                    state: f.state.to_string(),
+                    age_secs: f.age_secs,
+                    idle_secs: f.idle_secs,
+                    service: names.get(&f.svc_id).cloned().unwrap_or_default(),
+                    hairpin: f.hairpin,
+                    has_reverse: f.has_reverse,
+                })
+                .collect(),
+            entries: entries as u64,
+        }))
     }
 }
 
@@ -239,15 +421,28 @@ mod links {
 
         /// Deletes `name`; a missing link is success.
         pub async fn delete(&self, name: &str) -> Result<(), rtnetlink::Error> {
-            let mut get = self.handle.link().get().match_name(name.to_string()).execute();
+            let mut get = self
+                .handle
+                .link()
+                .get()
+                .match_name(name.to_string())
+                .execute();
             let link = match get.try_next().await {
                 Ok(Some(l)) => l,
                 Ok(None) => return Ok(()),
-                Err(rtnetlink::Error::NetlinkError(m)) if m.code.map(|c| -c.get()) == Some(libc::ENODEV) => return Ok(()),
+                Err(rtnetlink::Error::NetlinkError(m))
+                    if m.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
+                {
+                    return Ok(())
+                }
                 Err(e) => return Err(e),
             };
             match self.handle.link().del(link.header.index).execute().await {
-                Err(rtnetlink::Error::NetlinkError(m)) if m.code.map(|c| -c.get()) == Some(libc::ENODEV) => Ok(()),
+                Err(rtnetlink::Error::NetlinkError(m))
+                    if m.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
+                {
+                    Ok(())
+                }
                 other => other,
             }
         }

@@ -2,13 +2,15 @@
 //! the links that exist (start-up re-adoption, periodic reconciliation, GC).
 
 use std::collections::HashSet;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
 use crate::datapath::{AttachMode, Datapath, DatapathConfig};
 use crate::ipam::{Allocation, Cidr, Ipam};
+use crate::services::conntrack::Timeouts;
+use crate::services::Services;
 use crate::Config;
 
 /// An allocation not attached yet is left alone this long (its ADD may be in flight).
@@ -16,17 +18,24 @@ const PENDING_GRACE: Duration = Duration::from_secs(60);
 
 pub struct State {
     pub node_name: String,
+    /// Programs and maps: usable without the lock (map syscalls are atomic; conntrack GC runs
+    /// beside RPCs). Changes that must agree with IPAM or services happen under the lock.
+    pub datapath: Arc<Datapath>,
+    pub ct_timeouts: Timeouts,
     inner: Mutex<Inner>,
 }
 
-/// What the lock guards: allocation records and the datapath change together.
+/// What the lock guards: allocation records and the service state.
 pub struct Inner {
     pub ipam: Ipam,
-    pub datapath: Datapath,
+    pub services: Services,
 }
 
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub fn ifindex(name: &str) -> Option<u32> {
@@ -35,7 +44,8 @@ pub fn ifindex(name: &str) -> Option<u32> {
 
 impl State {
     pub fn open(config: &Config) -> Result<State> {
-        let ipam = Ipam::open(&config.state_dir.join("ipam"), config.pod_cidr).context("opening the IPAM store")?;
+        let ipam = Ipam::open(&config.state_dir.join("ipam"), config.pod_cidr)
+            .context("opening the IPAM store")?;
         let datapath = Datapath::load(&DatapathConfig {
             bpffs: config.bpffs.clone(),
             mode: config.attach_mode,
@@ -43,7 +53,19 @@ impl State {
             hairpin_addr: config.hairpin_addr,
             ct_refresh: Duration::from_secs(1),
         })?;
-        Ok(State { node_name: config.node_name.clone(), inner: Mutex::new(Inner { ipam, datapath }) })
+        let services = Services::open(
+            &config.state_dir,
+            config.manifests.as_deref(),
+            &datapath.maps,
+            config.map_sizes.frontends,
+        )
+        .context("loading services")?;
+        Ok(State {
+            node_name: config.node_name.clone(),
+            datapath: Arc::new(datapath),
+            ct_timeouts: config.ct_timeouts,
+            inner: Mutex::new(Inner { ipam, services }),
+        })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -51,7 +73,7 @@ impl State {
     }
 
     pub fn attach_mode(&self) -> AttachMode {
-        self.lock().datapath.mode()
+        self.datapath.mode()
     }
 
     pub fn pod_cidr(&self) -> Cidr {
@@ -62,7 +84,8 @@ impl State {
     /// updated in place), and release what a DEL left behind while the daemon was away.
     pub async fn reconcile_at_start(&self) {
         let mut inner = self.lock();
-        let Inner { ipam, datapath } = &mut *inner;
+        let ipam = &mut inner.ipam;
+        let datapath = &*self.datapath;
         let allocations: Vec<Allocation> = ipam.all().cloned().collect();
         let mut adopted = 0;
         for mut a in allocations {
@@ -95,7 +118,8 @@ impl State {
     /// Releases allocations whose host-side link is gone (a DEL that could not reach us).
     pub async fn reconcile_periodic(&self) {
         let mut inner = self.lock();
-        let Inner { ipam, datapath } = &mut *inner;
+        let ipam = &mut inner.ipam;
+        let datapath = &*self.datapath;
         let now = now_unix();
         let stale: Vec<Allocation> = ipam
             .all()

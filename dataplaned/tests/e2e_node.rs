@@ -11,7 +11,12 @@ use std::time::Duration;
 use common::*;
 
 fn ping(from: &Netns, to: &str) -> bool {
-    from.command("ping").args(["-c", "1", "-W", "2", to]).stdout(Stdio::null()).status().unwrap().success()
+    from.command("ping")
+        .args(["-c", "1", "-W", "2", to])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
 }
 
 #[test]
@@ -21,10 +26,17 @@ fn pods_reach_each_other_and_the_node_and_counters_count() {
     let b = node.add_pod().unwrap();
     assert_ne!(a.ip, b.ip);
     let _srv = echo_server(&b.ns, 8080).unwrap();
-    assert_eq!(tcp_ask(&a.ns, &b.ip, 8080).unwrap(), a.ip, "pod-to-pod TCP, server sees the client pod's IP");
+    assert_eq!(
+        tcp_ask(&a.ns, &b.ip, 8080).unwrap(),
+        a.ip,
+        "pod-to-pod TCP, server sees the client pod's IP"
+    );
     assert!(ping(&node.ns, &a.ip), "node -> pod");
     assert!(ping(&a.ns, &node.node_ip), "pod -> node");
-    assert!(ping(&node.ext, &a.ip), "external host -> pod through the node");
+    assert!(
+        ping(&node.ext, &a.ip),
+        "external host -> pod through the node"
+    );
 
     let st = node.status_json().unwrap();
     assert_eq!(st["ready"], true);
@@ -39,11 +51,19 @@ fn pods_reach_each_other_and_the_node_and_counters_count() {
         assert!(c["rx_packets"].as_u64().unwrap() >= 3, "{att}");
         assert!(c["tx_bytes"].as_u64().unwrap() > 100, "{att}");
     }
-    let names: Vec<&str> = st["programs"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = st["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["from_pod", "to_pod"]);
     // The table form shows the same.
     let table = String::from_utf8(node.sluicectl(&["status"]).unwrap().stdout).unwrap();
-    assert!(table.contains(&a.ip) && table.contains("tcx") && table.contains("from_pod"), "{table}");
+    assert!(
+        table.contains(&a.ip) && table.contains("tcx") && table.contains("from_pod"),
+        "{table}"
+    );
 }
 
 /// A TCP client in `ns` that keeps one connection open and does a round trip every 20 ms for
@@ -61,7 +81,13 @@ while time.time() < end:
 print(n)
 "#
     );
-    Proc::spawn("client", ns.command("python3").args(["-c", &script]).stdout(Stdio::piped())).unwrap()
+    Proc::spawn(
+        "client",
+        ns.command("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::piped()),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -71,7 +97,11 @@ fn kill9_and_restart_keeps_pods_connected_and_readopts_them() {
     let b = node.add_pod().unwrap();
     let _srv = echo_server(&b.ns, 9000).unwrap();
     let before = node.status_json().unwrap();
-    let links_before: Vec<_> = std::fs::read_dir(node.bpffs.join("links")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let links_before: Vec<_> = std::fs::read_dir(node.bpffs.join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(links_before.len(), 4, "two pinned tcx links per pod");
 
     let mut client = steady_client(&a.ns, &b.ip, 9000, 4);
@@ -84,19 +114,37 @@ fn kill9_and_restart_keeps_pods_connected_and_readopts_them() {
     let status = client.child.wait().unwrap();
     let mut out = String::new();
     std::io::Read::read_to_string(client.child.stdout.as_mut().unwrap(), &mut out).unwrap();
-    assert!(status.success(), "the long-lived connection broke across kill -9 + restart: {out}");
+    assert!(
+        status.success(),
+        "the long-lived connection broke across kill -9 + restart: {out}"
+    );
     assert!(out.trim().parse::<u32>().unwrap() > 50, "{out}");
 
     let after = node.status_json().unwrap();
     assert_eq!(after["attachments"].as_array().unwrap().len(), 2);
-    for (x, y) in before["attachments"].as_array().unwrap().iter().zip(after["attachments"].as_array().unwrap()) {
+    for (x, y) in before["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(after["attachments"].as_array().unwrap())
+    {
         assert_eq!(x["ip"], y["ip"]);
         assert_eq!(y["attached"], true);
         // Counters live in pinned maps: they survived and kept counting.
-        assert!(y["counters"]["tx_packets"].as_u64() > x["counters"]["tx_packets"].as_u64(), "{x} {y}");
+        assert!(
+            y["counters"]["tx_packets"].as_u64() > x["counters"]["tx_packets"].as_u64(),
+            "{x} {y}"
+        );
     }
     // New programs were loaded and swapped into the existing links.
-    let ids = |s: &serde_json::Value| s["programs"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect::<Vec<_>>();
+    let ids = |s: &serde_json::Value| {
+        s["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
     assert_ne!(ids(&before), ids(&after));
     assert_eq!(tcp_ask(&a.ns, &b.ip, 9000).unwrap(), a.ip);
     // IPAM survived: a new pod gets a fresh address.
@@ -109,11 +157,21 @@ fn sigterm_leaves_the_datapath_running_and_cleanup_removes_it() {
     let mut node = SluiceNode::new().unwrap();
     let a = node.add_pod().unwrap();
     let b = node.add_pod().unwrap();
-    let tx = |st: &serde_json::Value| st["attachments"][0]["counters"]["tx_packets"].as_u64().unwrap();
+    let tx = |st: &serde_json::Value| {
+        st["attachments"][0]["counters"]["tx_packets"]
+            .as_u64()
+            .unwrap()
+    };
     let before = tx(&node.status_json().unwrap());
     node.stop_daemon().unwrap();
-    assert!(node.bpffs.join("maps/sl_ct_v1").exists() && node.bpffs.join("progs/from_pod").exists());
-    assert_eq!(std::fs::read_dir(node.bpffs.join("links")).unwrap().count(), 4, "tcx links stay pinned");
+    assert!(
+        node.bpffs.join("maps/sl_ct_v1").exists() && node.bpffs.join("progs/from_pod").exists()
+    );
+    assert_eq!(
+        std::fs::read_dir(node.bpffs.join("links")).unwrap().count(),
+        4,
+        "tcx links stay pinned"
+    );
     for _ in 0..5 {
         assert!(ping(&a.ns, &b.ip));
         assert!(ping(&b.ns, &a.ip));
@@ -123,9 +181,23 @@ fn sigterm_leaves_the_datapath_running_and_cleanup_removes_it() {
     assert!(tx(&node.status_json().unwrap()) >= before + 10);
     node.stop_daemon().unwrap();
 
-    let cleanup = node.ns.command(SLUICED).arg("--cleanup").arg("--socket").arg(node.socket())
-        .arg("--state-dir").arg(node.state_dir()).arg("--bpffs").arg(&node.bpffs).output().unwrap();
-    assert!(cleanup.status.success(), "{}", String::from_utf8_lossy(&cleanup.stderr));
+    let cleanup = node
+        .ns
+        .command(SLUICED)
+        .arg("--cleanup")
+        .arg("--socket")
+        .arg(node.socket())
+        .arg("--state-dir")
+        .arg(node.state_dir())
+        .arg("--bpffs")
+        .arg(&node.bpffs)
+        .output()
+        .unwrap();
+    assert!(
+        cleanup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
     assert!(!node.bpffs.exists(), "pins removed");
     assert!(!node.state_dir().exists(), "state removed");
     // Programs detached; the kernel still routes the pods.
@@ -139,15 +211,34 @@ fn del_while_the_daemon_is_down_succeeds_and_the_ip_is_reconciled_at_start() {
     let b = node.add_pod().unwrap();
     node.kill9_daemon();
     let del = node.cnitool("del", &a.ns);
-    assert!(del.status.success(), "DEL must succeed with the daemon down: {}", String::from_utf8_lossy(&del.stderr));
+    assert!(
+        del.status.success(),
+        "DEL must succeed with the daemon down: {}",
+        String::from_utf8_lossy(&del.stderr)
+    );
     let host_if = a.result["interfaces"][0]["name"].as_str().unwrap();
-    assert!(node.ns.ip(&["link", "show", host_if]).is_err(), "DEL removed the veth locally");
+    assert!(
+        node.ns.ip(&["link", "show", host_if]).is_err(),
+        "DEL removed the veth locally"
+    );
 
     node.start_daemon().unwrap();
     let st = node.status_json().unwrap();
-    let ips: Vec<&str> = st["attachments"].as_array().unwrap().iter().map(|x| x["ip"].as_str().unwrap()).collect();
-    assert_eq!(ips, [b.ip.as_str()], "the leaked allocation was released at start");
-    assert!(!std::fs::read_dir(node.bpffs.join("links")).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with(host_if)));
+    let ips: Vec<&str> = st["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["ip"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ips,
+        [b.ip.as_str()],
+        "the leaked allocation was released at start"
+    );
+    assert!(!std::fs::read_dir(node.bpffs.join("links"))
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(host_if)));
 }
 
 #[test]
@@ -164,7 +255,13 @@ fn ipam_never_duplicates_or_loses_an_ip_across_kill9_during_parallel_adds() {
                     let out = node.cnitool("add", ns);
                     let ip = out.status.success().then(|| {
                         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                        v["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string()
+                        v["ips"][0]["address"]
+                            .as_str()
+                            .unwrap()
+                            .split('/')
+                            .next()
+                            .unwrap()
+                            .to_string()
                     });
                     (i, ip)
                 })
@@ -173,19 +270,37 @@ fn ipam_never_duplicates_or_loses_an_ip_across_kill9_during_parallel_adds() {
         std::thread::sleep(Duration::from_millis(60));
         // SAFETY of the test: the daemon dies mid-flight; some ADDs fail, none may corrupt IPAM.
         let pid = node.daemon.as_ref().unwrap().pid();
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     node.kill9_daemon();
     node.start_daemon().unwrap();
 
-    let ok: Vec<(usize, String)> = results.iter().filter_map(|(i, ip)| ip.clone().map(|ip| (*i, ip))).collect();
+    let ok: Vec<(usize, String)> = results
+        .iter()
+        .filter_map(|(i, ip)| ip.clone().map(|ip| (*i, ip)))
+        .collect();
     let distinct: HashSet<&String> = ok.iter().map(|(_, ip)| ip).collect();
-    assert_eq!(distinct.len(), ok.len(), "duplicate IPs among successful ADDs: {ok:?}");
+    assert_eq!(
+        distinct.len(),
+        ok.len(),
+        "duplicate IPs among successful ADDs: {ok:?}"
+    );
     let st = node.status_json().unwrap();
-    let held: HashSet<String> = st["attachments"].as_array().unwrap().iter().map(|a| a["ip"].as_str().unwrap().to_string()).collect();
+    let held: HashSet<String> = st["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["ip"].as_str().unwrap().to_string())
+        .collect();
     for (_, ip) in &ok {
-        assert!(held.contains(ip), "IP {ip} returned by a successful ADD was lost; daemon holds {held:?}");
+        assert!(
+            held.contains(ip),
+            "IP {ip} returned by a successful ADD was lost; daemon holds {held:?}"
+        );
     }
 
     // The runtime retries the failed ones (DEL, then ADD): in the end 32 distinct working IPs.
@@ -196,9 +311,19 @@ fn ipam_never_duplicates_or_loses_an_ip_across_kill9_during_parallel_adds() {
             None => {
                 let _ = node.cnitool("del", ns);
                 let out = node.cnitool("add", ns);
-                assert!(out.status.success(), "retry ADD: {}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "retry ADD: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                v["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string()
+                v["ips"][0]["address"]
+                    .as_str()
+                    .unwrap()
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .to_string()
             }
         };
         assert!(all.insert(ip.clone()), "duplicate {ip}");
@@ -220,7 +345,20 @@ fn clsact_fallback_mode_serves_pods() {
     let st = node.status_json().unwrap();
     assert_eq!(st["attach_mode"], "tc");
     let host_if = a.result["interfaces"][0]["name"].as_str().unwrap();
-    let filters = String::from_utf8(node.ns.command("tc").args(["filter", "show", "dev", host_if, "ingress"]).output().unwrap().stdout).unwrap();
+    let filters = String::from_utf8(
+        node.ns
+            .command("tc")
+            .args(["filter", "show", "dev", host_if, "ingress"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     assert!(filters.contains("from_pod"), "{filters}");
-    assert!(st["attachments"][0]["counters"]["tx_packets"].as_u64().unwrap() > 0);
+    assert!(
+        st["attachments"][0]["counters"]["tx_packets"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }

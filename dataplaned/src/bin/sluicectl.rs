@@ -1,11 +1,14 @@
 //! `sluicectl`: the operator's CLI for sluiced.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use sluice_core::proto::StatusRequest;
+use sluice_core::proto::dataplane_client::DataplaneClient;
+use sluice_core::proto::{ListRequest, ObjectsRequest, StatusRequest};
+use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
@@ -26,59 +29,303 @@ struct Args {
     command: Cmd,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum What {
+    Services,
+    Endpoints,
+    Conntrack,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Daemon health, pod CIDR, attachments with their counters, programs, packet outcomes
     Status,
+    /// Apply Kubernetes Service / EndpointSlice / Node objects (YAML or JSON; `-f -` = stdin)
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete the applied objects the files name
+    Delete {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List what is in the maps: services (frontends, backends, counters), endpoints, conntrack
+    Get { what: What },
 }
 
-fn main() -> Result<()> {
+fn read_source(path: &PathBuf) -> Result<(String, String)> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        return Ok(("<stdin>".into(), s));
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((path.display().to_string(), text))
+}
+
+fn main() {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let mut client = sluice_core::client::connect(&args.socket, Duration::from_secs(10))
-            .await
-            .with_context(|| format!("connecting to sluiced at {}", args.socket.display()))?;
-        match args.command {
-            Cmd::Status => {
-                let s = client.status(StatusRequest {}).await?.into_inner();
-                if args.output == Output::Json {
-                    println!("{}", serde_json::to_string_pretty(&s)?);
-                    return Ok(());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = runtime.block_on(run(args)) {
+        eprintln!("sluicectl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let client = sluice_core::client::connect(&args.socket, Duration::from_secs(60))
+        .await
+        .with_context(|| format!("connecting to sluiced at {}", args.socket.display()))?;
+    let mut client = client
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    match args.command {
+        Cmd::Status => status(&mut client, args.output).await,
+        Cmd::Apply { files } => objects(&mut client, &files, false, args.output).await,
+        Cmd::Delete { files } => objects(&mut client, &files, true, args.output).await,
+        Cmd::Get {
+            what: What::Services,
+        } => services(&mut client, args.output, false).await,
+        Cmd::Get {
+            what: What::Endpoints,
+        } => services(&mut client, args.output, true).await,
+        Cmd::Get {
+            what: What::Conntrack,
+        } => conntrack(&mut client, args.output).await,
+    }
+}
+
+fn status_message(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+async fn objects(
+    client: &mut DataplaneClient<Channel>,
+    files: &[PathBuf],
+    delete: bool,
+    out: Output,
+) -> Result<()> {
+    let mut failed = false;
+    for f in files {
+        let (source, text) = read_source(f)?;
+        let req = ObjectsRequest {
+            source: source.clone(),
+            text,
+        };
+        let reply = if delete {
+            client.delete(req).await
+        } else {
+            client.apply(req).await
+        };
+        match reply {
+            Ok(r) => {
+                let r = r.into_inner();
+                if out == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                    continue;
                 }
-                println!("node {}: {}", s.node_name, if s.ready { "ready" } else { "NOT READY" });
-                println!("pod CIDR {} ({} free), attach mode {}", s.pod_cidr, s.free_ips, s.attach_mode);
-                println!("\nprograms:");
-                for p in &s.programs {
-                    println!("  {:<10} id {:<6} {}", p.name, p.id, p.pinned);
+                for o in &r.objects {
+                    println!("{o} {}", if delete { "deleted" } else { "applied" });
                 }
-                println!("\nattachments ({}):", s.attachments.len());
+                for o in &r.not_found {
+                    println!("{o} not found");
+                }
                 println!(
-                    "  {:<24} {:<6} {:<15} {:<15} {:>8} {:>10} {:>10} {:>10} {:>10}",
-                    "CONTAINER", "IF", "IP", "HOST-IF", "ATTACHED", "RX-PKTS", "RX-BYTES", "TX-PKTS", "TX-BYTES"
+                    "({} map writes, {} flows purged)",
+                    r.map_writes, r.flows_purged
                 );
-                for a in &s.attachments {
-                    let c = a.counters.clone().unwrap_or_default();
-                    let cid: String = a.container_id.chars().take(24).collect();
-                    println!(
-                        "  {:<24} {:<6} {:<15} {:<15} {:>8} {:>10} {:>10} {:>10} {:>10}",
-                        cid,
-                        a.ifname,
-                        a.ip,
-                        if a.host_ifindex == 0 { format!("{} (gone)", a.host_ifname) } else { a.host_ifname.clone() },
-                        if a.attached { "yes" } else { "no" },
-                        c.rx_packets,
-                        c.rx_bytes,
-                        c.tx_packets,
-                        c.tx_bytes
-                    );
-                }
-                println!("\npacket outcomes (all pods):");
-                for r in s.reasons.iter().filter(|r| r.packets > 0) {
-                    println!("  {:<22} {:>10} packets {:>12} bytes", r.name, r.packets, r.bytes);
-                }
+            }
+            Err(s) => {
+                eprintln!("sluicectl: {}", s.message());
+                failed = true;
             }
         }
-        Ok(())
-    })
+    }
+    if failed {
+        bail!(
+            "some objects were not {}",
+            if delete { "deleted" } else { "applied" }
+        );
+    }
+    Ok(())
+}
+
+async fn services(
+    client: &mut DataplaneClient<Channel>,
+    out: Output,
+    endpoints: bool,
+) -> Result<()> {
+    let list = client
+        .list_services(ListRequest {})
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    if out == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if endpoints {
+        println!(
+            "{:<32} {:<22} {:<6} {:<8} {:<12} {:<5}",
+            "SERVICE", "ENDPOINT", "READY", "SERVING", "TERMINATING", "SLOT"
+        );
+        for s in &list.services {
+            let name = format!("{}/{}:{}/{}", s.namespace, s.name, s.port, s.protocol);
+            for e in &s.endpoints {
+                let slot = if e.slot < 0 {
+                    "-".to_string()
+                } else {
+                    e.slot.to_string()
+                };
+                println!(
+                    "{:<32} {:<22} {:<6} {:<8} {:<12} {:<5}",
+                    name,
+                    format!("{}:{}", e.ip, e.port),
+                    e.ready,
+                    e.serving,
+                    e.terminating,
+                    slot
+                );
+            }
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<22} {:>6} {:>9} {:>12}  BACKENDS",
+        "SERVICE", "FRONTEND", "ID", "PACKETS", "BYTES"
+    );
+    for s in &list.services {
+        let name = format!("{}/{}:{}/{}", s.namespace, s.name, s.port, s.protocol);
+        let backends: Vec<String> = s
+            .endpoints
+            .iter()
+            .map(|e| {
+                let state = if e.slot >= 0 {
+                    ""
+                } else if e.terminating {
+                    " (terminating)"
+                } else {
+                    " (not ready)"
+                };
+                format!("{}:{}{state}", e.ip, e.port)
+            })
+            .collect();
+        let mut line = format!(
+            "{:<32} {:<22} {:>6} {:>9} {:>12}  {}",
+            name,
+            s.frontends.join(","),
+            s.svc_id,
+            s.packets,
+            s.bytes,
+            if backends.is_empty() {
+                "<none: rejected>".to_string()
+            } else {
+                backends.join(", ")
+            }
+        );
+        if s.affinity_timeout > 0 {
+            line.push_str(&format!("  [affinity ClientIP {}s]", s.affinity_timeout));
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
+async fn conntrack(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()> {
+    let list = client
+        .list_conntrack(ListRequest {})
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    if out == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<5} {:<22} {:<22} {:<22} {:<12} {:>6} {:>6}  SERVICE",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE", "AGE", "IDLE"
+    );
+    for f in &list.flows {
+        let mut state = f.state.clone();
+        if f.hairpin {
+            state.push_str("+hp");
+        }
+        println!(
+            "{:<5} {:<22} {:<22} {:<22} {:<12} {:>5}s {:>5}s  {}",
+            f.protocol, f.client, f.frontend, f.backend, state, f.age_secs, f.idle_secs, f.service
+        );
+    }
+    println!("({} flows, {} map entries)", list.flows.len(), list.entries);
+    Ok(())
+}
+
+async fn status(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()> {
+    let s = client
+        .status(StatusRequest {})
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    if out == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!(
+        "node {}: {}",
+        s.node_name,
+        if s.ready { "ready" } else { "NOT READY" }
+    );
+    println!(
+        "pod CIDR {} ({} free), attach mode {}, {} service frontends",
+        s.pod_cidr, s.free_ips, s.attach_mode, s.frontends
+    );
+    println!("\nprograms:");
+    for p in &s.programs {
+        println!("  {:<10} id {:<6} {}", p.name, p.id, p.pinned);
+    }
+    println!("\nattachments ({}):", s.attachments.len());
+    println!(
+        "  {:<24} {:<6} {:<15} {:<15} {:>8} {:>10} {:>10} {:>10} {:>10}",
+        "CONTAINER",
+        "IF",
+        "IP",
+        "HOST-IF",
+        "ATTACHED",
+        "RX-PKTS",
+        "RX-BYTES",
+        "TX-PKTS",
+        "TX-BYTES"
+    );
+    for a in &s.attachments {
+        let c = a.counters.clone().unwrap_or_default();
+        let cid: String = a.container_id.chars().take(24).collect();
+        println!(
+            "  {:<24} {:<6} {:<15} {:<15} {:>8} {:>10} {:>10} {:>10} {:>10}",
+            cid,
+            a.ifname,
+            a.ip,
+            if a.host_ifindex == 0 {
+                format!("{} (gone)", a.host_ifname)
+            } else {
+                a.host_ifname.clone()
+            },
+            if a.attached { "yes" } else { "no" },
+            c.rx_packets,
+            c.rx_bytes,
+            c.tx_packets,
+            c.tx_bytes
+        );
+    }
+    println!("\npacket outcomes (all pods):");
+    for r in s.reasons.iter().filter(|r| r.packets > 0) {
+        println!(
+            "  {:<22} {:>10} packets {:>12} bytes",
+            r.name, r.packets, r.bytes
+        );
+    }
+    Ok(())
 }

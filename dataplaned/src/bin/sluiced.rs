@@ -56,6 +56,28 @@ struct Args {
     /// Seconds between checks that every allocation still has its interface
     #[arg(long, default_value_t = 30)]
     reconcile_interval: u64,
+    /// Standalone mode: load Kubernetes Service/EndpointSlice/Node objects from every
+    /// *.yaml/*.yml/*.json in DIR, at start and whenever a file changes
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// Conntrack: idle seconds before an unanswered TCP SYN flow expires
+    #[arg(long, default_value_t = 20)]
+    ct_timeout_syn: u64,
+    /// Conntrack: idle seconds before an established TCP flow expires
+    #[arg(long, default_value_t = 3600)]
+    ct_timeout_established: u64,
+    /// Conntrack: idle seconds before a TCP flow that saw FIN expires
+    #[arg(long, default_value_t = 30)]
+    ct_timeout_fin: u64,
+    /// Conntrack: idle seconds before a TCP flow that saw RST expires
+    #[arg(long, default_value_t = 10)]
+    ct_timeout_rst: u64,
+    /// Conntrack: idle seconds before a UDP flow expires
+    #[arg(long, default_value_t = 60)]
+    ct_timeout_udp: u64,
+    /// Seconds between conntrack garbage-collection sweeps
+    #[arg(long, default_value_t = 10)]
+    ct_gc_interval: u64,
     /// Remove everything this daemon created (pins, attachments, state, socket) and exit
     #[arg(long)]
     cleanup: bool,
@@ -64,7 +86,10 @@ struct Args {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
     let pod_cidr: Cidr = args.pod_cidr.parse()?;
@@ -94,8 +119,21 @@ fn main() -> Result<()> {
         },
         hairpin_addr: args.hairpin_addr,
         reconcile_interval: Duration::from_secs(args.reconcile_interval.max(1)),
+        manifests: args.manifests.clone(),
+        manifests_poll: Duration::from_secs(1),
+        ct_timeouts: sluiced::services::conntrack::Timeouts {
+            syn: Duration::from_secs(args.ct_timeout_syn),
+            established: Duration::from_secs(args.ct_timeout_established),
+            fin: Duration::from_secs(args.ct_timeout_fin),
+            rst: Duration::from_secs(args.ct_timeout_rst),
+            udp: Duration::from_secs(args.ct_timeout_udp),
+        },
+        ct_gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let listener = sluiced::bind_socket(&config.socket)?;
         let socket = config.socket.clone();
@@ -118,7 +156,10 @@ async fn shutdown_signal() {
 /// `--cleanup`: detach from every pod veth we know of, unpin everything, delete state and socket.
 fn cleanup(args: &Args, pod_cidr: Cidr) -> Result<()> {
     if std::os::unix::net::UnixStream::connect(&args.socket).is_ok() {
-        anyhow::bail!("sluiced is running at {}: stop it first", args.socket.display());
+        anyhow::bail!(
+            "sluiced is running at {}: stop it first",
+            args.socket.display()
+        );
     }
     let ipam_dir = args.state_dir.join("ipam");
     let ifindexes: Vec<u32> = if ipam_dir.exists() {
@@ -131,7 +172,8 @@ fn cleanup(args: &Args, pod_cidr: Cidr) -> Result<()> {
     };
     sluiced::datapath::Datapath::cleanup(&args.bpffs, &ifindexes)?;
     if args.state_dir.exists() {
-        std::fs::remove_dir_all(&args.state_dir).with_context(|| format!("removing {}", args.state_dir.display()))?;
+        std::fs::remove_dir_all(&args.state_dir)
+            .with_context(|| format!("removing {}", args.state_dir.display()))?;
     }
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!(bpffs = %args.bpffs.display(), state = %args.state_dir.display(), "cleaned up");

@@ -7,7 +7,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-pub use cni_conformance::fixture::{require_root, run, unique, veth_between, wait_for, Netns, Proc, TempDir};
+pub use cni_conformance::fixture::{
+    require_root, run, unique, veth_between, wait_for, Netns, Proc, TempDir,
+};
 use serde_json::Value;
 
 /// Where `sluice` (built by `cargo build --release`) is; sluiced/sluicectl come from this package.
@@ -15,7 +17,11 @@ pub fn plugin_dir() -> PathBuf {
     let dir = std::env::var_os("SLUICE_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
-    assert!(dir.join("sluice").exists(), "{}/sluice missing: run `cargo build --release` first (scripts/test.sh does)", dir.display());
+    assert!(
+        dir.join("sluice").exists(),
+        "{}/sluice missing: run `cargo build --release` first (scripts/test.sh does)",
+        dir.display()
+    );
     dir
 }
 
@@ -90,19 +96,29 @@ impl SluiceNode {
 
     /// Writes net.d/10-sluice.conflist: sluice then `chained` plugin objects.
     pub fn write_conflist(&self, version: &str, chained: &[Value]) -> Result<()> {
-        let mut plugins = vec![serde_json::json!({"type": "sluice", "socket": self.socket(), "mtu": 1500})];
+        let mut plugins =
+            vec![serde_json::json!({"type": "sluice", "socket": self.socket(), "mtu": 1500})];
         plugins.extend(chained.iter().cloned());
         let list = serde_json::json!({"cniVersion": version, "name": "sluice", "plugins": plugins});
-        std::fs::write(self.netconf_dir().join("10-sluice.conflist"), serde_json::to_vec_pretty(&list)?)?;
+        std::fs::write(
+            self.netconf_dir().join("10-sluice.conflist"),
+            serde_json::to_vec_pretty(&list)?,
+        )?;
         Ok(())
     }
 
     pub fn start_daemon(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("sluiced.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("sluiced.log"))?;
         let mut cmd = self.ns.command(SLUICED);
-        cmd.arg("--socket").arg(self.socket())
-            .arg("--state-dir").arg(self.state_dir())
-            .arg("--bpffs").arg(&self.bpffs)
+        cmd.arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--bpffs")
+            .arg(&self.bpffs)
             .args(["--node-name", "test-node", "--pod-cidr", "10.244.0.0/24"])
             .args(&self.extra_args)
             .env("SLUICE_LOG", "info")
@@ -115,9 +131,17 @@ impl SluiceNode {
             if !proc.is_running() {
                 bail!("sluiced exited");
             }
-            Ok(sock.exists() && Command::new("nsenter").arg(format!("--net={}", ns.display())).arg(SLUICECTL)
-                .arg("--socket").arg(&sock).arg("status").stdout(Stdio::null()).stderr(Stdio::null())
-                .status()?.success())
+            Ok(sock.exists()
+                && Command::new("nsenter")
+                    .arg(format!("--net={}", ns.display()))
+                    .arg(SLUICECTL)
+                    .arg("--socket")
+                    .arg(&sock)
+                    .arg("status")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()?
+                    .success())
         });
         if let Err(e) = started {
             bail!("{e:#}\n--- sluiced.log ---\n{}", self.daemon_log());
@@ -138,7 +162,9 @@ impl SluiceNode {
 
     pub fn stop_daemon(&mut self) -> Result<()> {
         if let Some(mut d) = self.daemon.take() {
-            let st = d.terminate(Duration::from_secs(10)).context("sluiced did not exit on SIGTERM")?;
+            let st = d
+                .terminate(Duration::from_secs(10))
+                .context("sluiced did not exit on SIGTERM")?;
             if !st.success() {
                 bail!("sluiced exited with {st} on SIGTERM\n{}", self.daemon_log());
             }
@@ -152,7 +178,10 @@ impl SluiceNode {
             .command("cnitool")
             .args([verb, "sluice"])
             .arg(pod.path())
-            .env("CNI_PATH", format!("{}:/usr/lib/cni", plugin_dir().display()))
+            .env(
+                "CNI_PATH",
+                format!("{}:/usr/lib/cni", plugin_dir().display()),
+            )
             .env("NETCONFPATH", self.netconf_dir())
             .output()
             .expect("running cnitool")
@@ -163,10 +192,21 @@ impl SluiceNode {
         let ns = Netns::new("p")?;
         let out = self.cnitool("add", &ns);
         if !out.status.success() {
-            bail!("cnitool add failed: {}{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), self.daemon_log());
+            bail!(
+                "cnitool add failed: {}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.daemon_log()
+            );
         }
         let result: Value = serde_json::from_slice(&out.stdout).context("cnitool add output")?;
-        let ip = result["ips"][0]["address"].as_str().context("no ip")?.split('/').next().unwrap().to_string();
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .context("no ip")?
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
         Ok(Pod { ns, ip, result })
     }
 
@@ -174,17 +214,34 @@ impl SluiceNode {
     pub fn plugin(&self, env: &[(&str, &str)], stdin: &Value) -> Output {
         use std::io::Write;
         let mut cmd = self.ns.command(plugin_dir().join("sluice"));
-        cmd.env_clear().env("CNI_PATH", plugin_dir()).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        cmd.env_clear()
+            .env("CNI_PATH", plugin_dir())
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn sluice");
-        child.stdin.take().unwrap().write_all(stdin.to_string().as_bytes()).unwrap();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sluice");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.to_string().as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     }
 
     pub fn sluicectl(&self, args: &[&str]) -> Result<Output> {
-        run(self.ns.command(SLUICECTL).arg("--socket").arg(self.socket()).args(args))
+        run(self
+            .ns
+            .command(SLUICECTL)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args))
     }
 
     pub fn status_json(&self) -> Result<Value> {
@@ -202,9 +259,12 @@ impl Drop for SluiceNode {
             .ns
             .command(SLUICED)
             .arg("--cleanup")
-            .arg("--socket").arg(self.socket())
-            .arg("--state-dir").arg(self.state_dir())
-            .arg("--bpffs").arg(&self.bpffs)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--bpffs")
+            .arg(&self.bpffs)
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.bpffs);
@@ -231,9 +291,22 @@ while True:
     threading.Thread(target=serve, args=(c, a), daemon=True).start()
 "#
     );
-    let p = Proc::spawn("echo-server", ns.command("python3").args(["-c", &script]).stdout(Stdio::null()))?;
-    let probe = format!("import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()");
-    wait_for("echo server", Duration::from_secs(10), || Ok(ns.command("python3").args(["-c", &probe]).stderr(Stdio::null()).status()?.success()))?;
+    let p = Proc::spawn(
+        "echo-server",
+        ns.command("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::null()),
+    )?;
+    let probe =
+        format!("import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()");
+    wait_for("echo server", Duration::from_secs(10), || {
+        Ok(ns
+            .command("python3")
+            .args(["-c", &probe])
+            .stderr(Stdio::null())
+            .status()?
+            .success())
+    })?;
     Ok(p)
 }
 
