@@ -1,6 +1,7 @@
 #!/bin/sh
-# Hooks for running cni-conformance against sluice: start/stop sluiced inside the runner's node
-# namespace (the runner runs hooks there), clean up its pins and state, print its allocations.
+# Hooks for running cni-conformance against sluice: start/stop (SIGTERM) or kill9 (SIGKILL) sluiced
+# inside the runner's node namespace (the runner runs hooks there), clean up its pins and state,
+# print its allocations.
 #
 #   cni-conformance --cni-path "$SLUICE_BIN_DIR:/usr/lib/cni" --conflist conformance/conflists/sluice.conflist \
 #     --setup 'conformance/hooks/sluiced.sh start' --teardown 'conformance/hooks/sluiced.sh stop' \
@@ -58,6 +59,16 @@ stop)
         sleep 0.05
     done
     ;;
+kill9)
+    # Like stop, but SIGKILL: what a crash or an OOM kill does.
+    [ -f "$w/sluiced.pid" ] || exit 0
+    pid=$(cat "$w/sluiced.pid")
+    rm -f "$w/sluiced.pid"
+    alive "$pid" || exit 0
+    kill -KILL "$pid" 2>/dev/null || true
+    i=0
+    while alive "$pid" && [ "$i" -lt 200 ]; do i=$((i + 1)); sleep 0.05; done
+    ;;
 cleanup)
     "$bin/sluiced" --cleanup --socket "$sock" --state-dir "$state" --bpffs "$bpffs" --pod-cidr "$cidr" >>"$w/sluiced.log" 2>&1 || {
         echo "sluiced --cleanup failed:"; tail -n 20 "$w/sluiced.log"; rm -rf "$bpffs"; exit 1; }
@@ -68,6 +79,6 @@ alloc)
     "$bin/sluicectl" --socket "$sock" status | sed -n 's/.*(\([0-9]* free\)).*/\1/p'
     ;;
 *)
-    echo "usage: $0 start|stop|cleanup|alloc" >&2; exit 2
+    echo "usage: $0 start|stop|kill9|cleanup|alloc" >&2; exit 2
     ;;
 esac

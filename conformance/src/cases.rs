@@ -1367,6 +1367,61 @@ fn killed_case(ctx: &Ctx) -> CaseResult {
     ))
 }
 
+fn killed_del_case(ctx: &Ctx) -> CaseResult {
+    let rt = &ctx.rt;
+    let list = rt.list_v(&rt.default_version);
+    let base = ctx.baseline()?;
+    let mut m = Pod::own(rt, "kd", list.clone())?;
+    m.add()?;
+    let out = cni::del(&rt.plugins, &list, &m.att, m.result.as_ref())?;
+    out.check_ok("DEL (to time it)")?;
+    m.added = false;
+    let t: Duration = out.invocations.iter().map(|i| i.elapsed).sum();
+    drop(m);
+    let rounds = rt.opts.kill_rounds.max(1);
+    let mut rng = Rng::new();
+    let mut landed = 0;
+    let mut at = Vec::new();
+    for k in 0..rounds {
+        let frac = (k as f64 + 0.5) / rounds as f64 * (0.85 + 0.3 * rng.next_f64());
+        let delay = t.mul_f64(frac.min(0.98));
+        let mut pod = Pod::own(rt, "kl", list.clone())?;
+        pod.add()?;
+        let (_, killed) =
+            cni::del_kill_at(&rt.plugins, &list, &pod.att, pod.result.as_ref(), delay)?;
+        if killed {
+            landed += 1;
+        }
+        at.push(format!(
+            "{}{}",
+            delay.as_millis(),
+            if killed { "" } else { "(done)" }
+        ));
+        let a = pod.try_del()?;
+        if !a.ok {
+            fail!(
+                "after killing DEL at {} ms, the next DEL failed: {}",
+                delay.as_millis(),
+                a.detail
+            );
+        }
+        pod.added = false;
+        ctx.back_to(&base, Duration::from_secs(5))
+            .with_context(|| {
+                format!(
+                    "after killing DEL at {} ms of ~{} ms and DEL again",
+                    delay.as_millis(),
+                    t.as_millis()
+                )
+            })?;
+    }
+    Ok(format!(
+        "{rounds} rounds, DEL ~{} ms, killed at [{}] ms: {landed} landed mid-DEL; each time the next DEL cleaned up",
+        t.as_millis(),
+        at.join(", ")
+    ))
+}
+
 // ---- hooks: the daemon down ------------------------------------------------------------------
 
 fn wait_status_ok(rt: &Rt, list: &cni::NetList, within: Duration) -> Result<()> {
@@ -1745,6 +1800,12 @@ pub fn all() -> Vec<Case> {
         Required,
         "a plugin killed mid-ADD leaves nothing a DEL cannot clean",
         Box::new(killed_case),
+    );
+    add(
+        "killed-mid-del",
+        Advisory,
+        "a plugin killed mid-DEL leaves nothing the next DEL cannot clean",
+        Box::new(killed_del_case),
     );
     add(
         "status-daemon-down",

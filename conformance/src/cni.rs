@@ -541,7 +541,9 @@ fn simple(
     verb: &str,
     prev: Option<&Value>,
     reverse: bool,
+    kill_at: Option<Duration>,
 ) -> Result<ListOut> {
+    let start = Instant::now();
     let mut out = ListOut::default();
     let mut order: Vec<usize> = (0..list.plugins().len()).collect();
     if reverse {
@@ -556,7 +558,21 @@ fn simple(
     for i in order {
         let stdin = serde_json::to_vec(&list.plugin_stdin(i, prev, &att.cap_args, &Map::new()))?;
         let ty = list.plugin_type(i);
-        let inv = p.invoke(&ty, &CniEnv::for_att(verb, att), &stdin)?;
+        let env = CniEnv::for_att(verb, att);
+        let (inv, killed) = match kill_at {
+            Some(at) => {
+                p.invoke_kill_after(&ty, &env, &stdin, at.saturating_sub(start.elapsed()))?
+            }
+            None => (p.invoke(&ty, &env, &stdin)?, false),
+        };
+        if killed {
+            out.failure = Some(format!(
+                "{ty} {verb} killed by the runner after {} ms",
+                inv.elapsed.as_millis()
+            ));
+            out.invocations.push(inv);
+            return Ok(out);
+        }
         let failed = !inv.success();
         let junk = !failed && !inv.stdout.trim().is_empty() && inv.stdout_json().is_err();
         out.invocations.push(inv.clone());
@@ -576,11 +592,24 @@ fn simple(
 }
 
 pub fn check(p: &Plugins, list: &NetList, att: &Att, prev: &Value) -> Result<ListOut> {
-    simple(p, list, att, "CHECK", Some(prev), false)
+    simple(p, list, att, "CHECK", Some(prev), false, None)
 }
 
 pub fn del(p: &Plugins, list: &NetList, att: &Att, prev: Option<&Value>) -> Result<ListOut> {
-    simple(p, list, att, "DEL", prev, true)
+    simple(p, list, att, "DEL", prev, true, None)
+}
+
+/// DEL whose running plugin is SIGKILLed `at` after the start; `killed` says whether it landed.
+pub fn del_kill_at(
+    p: &Plugins,
+    list: &NetList,
+    att: &Att,
+    prev: Option<&Value>,
+    at: Duration,
+) -> Result<(ListOut, bool)> {
+    let out = simple(p, list, att, "DEL", prev, true, Some(at))?;
+    let killed = out.invocations.last().is_some_and(|i| i.killed);
+    Ok((out, killed))
 }
 
 /// STATUS (1.1.0) to every plugin of the list; no container variables.

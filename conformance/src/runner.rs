@@ -204,7 +204,24 @@ impl Rt {
                     Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
                 };
                 names.sort();
-                Ok(Some(names.join(" ")))
+                // Each reservation with its owner ("<containerID> <ifname>"), so a leak shows
+                // whose it is (or that the file is empty).
+                let entries: Vec<String> = names
+                    .iter()
+                    .map(|n| {
+                        let owner = std::fs::read_to_string(dir.join(n)).unwrap_or_default();
+                        let owner = owner.split_whitespace().collect::<Vec<_>>().join(" ");
+                        format!(
+                            "{n}[{}]",
+                            if owner.is_empty() {
+                                "empty file"
+                            } else {
+                                &owner
+                            }
+                        )
+                    })
+                    .collect();
+                Ok(Some(entries.join(" ")))
             }
             AllocProbe::Cmd(cmd) => {
                 let out = crate::ns::command_in(self.node_file.as_raw_fd(), "sh")

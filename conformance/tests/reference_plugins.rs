@@ -7,6 +7,12 @@ mod common;
 /// version to stderr and exit 0; VERSION answers cniVersion 1.0.0 whatever it was asked.
 const KNOWN_FAILURES: &[&str] = &["missing-cni-command-code-4", "version-echoes-cniversion"];
 
+/// A real host-local bug the suite finds now and then: killed between creating a reservation file
+/// and writing its owner into it, host-local leaves an empty file no DEL can release
+/// (containernetworking/plugins#498). Timing decides whether a kill lands in that window, so the
+/// case may pass or fail; when it fails, it must be for that reason.
+const MAY_FAIL: &[(&str, &str)] = &[("killed-mid-add", "[empty file]")];
+
 /// No 1.1.0 (no STATUS, no GC), and no daemon (no hooks).
 const NOT_APPLICABLE: &[&str] = &[
     "result-schema-1.1.0",
@@ -31,6 +37,18 @@ fn check(conflist: &str) {
     ];
     let run = common::run_suite(conflist, &args, &[]);
     let mut fails = run.with("fail");
+    for (case, why) in MAY_FAIL {
+        if fails.iter().any(|f| f == case) {
+            let d = run.detail(case);
+            assert!(
+                d.contains(why),
+                "{conflist}: {case} failed, but not for the known reason {why:?}: {d}\n{}",
+                run.table
+            );
+            println!("{conflist}: {case} failed for the known host-local reason: {d}");
+        }
+    }
+    fails.retain(|f| !MAY_FAIL.iter().any(|(c, _)| c == f));
     fails.sort();
     let mut want: Vec<String> = KNOWN_FAILURES.iter().map(|s| s.to_string()).collect();
     want.sort();

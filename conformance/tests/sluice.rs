@@ -30,3 +30,41 @@ fn sluice_passes_every_case() {
     );
     assert_eq!(run.code, Some(0), "exit code\n{}", run.table);
 }
+
+/// The daemon cases again, with sluiced SIGKILLed instead of stopped: pods keep working, DEL
+/// with the daemon dead succeeds, the allocation is reconciled at restart, STATUS says 50.
+#[test]
+fn sluice_survives_sigkill_of_its_daemon() {
+    let bin = common::sluice_bin_dir();
+    let h = common::conformance_dir()
+        .join("hooks/sluiced.sh")
+        .display()
+        .to_string();
+    let mut args = vec![
+        "--cni-path".to_string(),
+        format!("{}:/usr/lib/cni", bin.display()),
+        "--conflist".into(),
+        common::conflist("sluice.conflist").display().to_string(),
+        "--only".into(),
+        "status-daemon-down,del-daemon-down,check-detects-daemon-down,add-daemon-down,restart-keeps-pods,no-leftovers-after-del".into(),
+    ];
+    args.extend(common::sluice_hook_args());
+    let i = args.iter().position(|a| a == "--teardown").unwrap();
+    args[i + 1] = format!("{h} kill9");
+    let run = common::run_suite(
+        "sluice (kill -9 teardown)",
+        &args,
+        &[("SLUICE_BIN_DIR", bin.display().to_string())],
+    );
+    let not_passed: Vec<String> = run
+        .with("fail")
+        .into_iter()
+        .chain(run.with("n/a"))
+        .collect();
+    assert!(
+        not_passed.is_empty(),
+        "cases not passing: {not_passed:?}\n{}",
+        run.table
+    );
+    assert_eq!(run.code, Some(0), "exit code\n{}", run.table);
+}
