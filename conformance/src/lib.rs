@@ -48,7 +48,7 @@ pub fn run(opts: runner::Options) -> Result<Report> {
         ok: false,
     };
     if let Some(e) = &rt.cnitool_error {
-        eprintln!("cni-conformance: warning: {e}; the runner drives every case itself");
+        eprintln!("cni-conformance: {e}; the runner drives every case itself");
     }
     let hooks = runner::HookGuard { rt: rt.clone() };
     abort_on_signals(std::sync::Arc::downgrade(&rt), opts.keep_workdir);

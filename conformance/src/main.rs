@@ -73,6 +73,10 @@ struct Args {
     /// Seconds before a plugin or cnitool call is killed as hung
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Do without cnitool: the runner's own runtime drives every case (less coverage: libcni
+    /// never sees the plugin's results)
+    #[arg(long)]
+    no_cnitool: bool,
     /// Keep the work dir (hook logs, daemon state) after the run
     #[arg(long)]
     keep_workdir: bool,
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
         kill_rounds: args.kill_rounds,
         timeout: Duration::from_secs(args.timeout),
         keep_workdir: args.keep_workdir,
+        no_cnitool: args.no_cnitool,
         progress: !args.quiet,
     };
     let report = match cni_conformance::run(opts) {

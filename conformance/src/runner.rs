@@ -41,6 +41,7 @@ pub struct Options {
     pub kill_rounds: usize,
     pub timeout: Duration,
     pub keep_workdir: bool,
+    pub no_cnitool: bool,
     pub progress: bool,
 }
 
@@ -787,7 +788,15 @@ pub fn prepare(opts: Options) -> Result<(Arc<Rt>, TempDir)> {
     for ty in list.types() {
         plugins.find(&ty)?;
     }
-    let (cnitool, cnitool_error) = match cnitool::locate(opts.cnitool.as_deref()) {
+    let located = if opts.no_cnitool {
+        Err(anyhow!("cnitool disabled by --no-cnitool"))
+    } else {
+        cnitool::locate(opts.cnitool.as_deref())
+    };
+    if let (Err(e), false) = (&located, opts.no_cnitool) {
+        bail!("{e:#} (or pass --no-cnitool to drive every case with the runner's own runtime)");
+    }
+    let (cnitool, cnitool_error) = match located {
         Ok(bin) => (
             Some(Cnitool {
                 bin,
