@@ -641,6 +641,51 @@ fn traffic_pod_case(ctx: &Ctx) -> CaseResult {
     Ok(format!("{a_ip} ⇄ {b_ip}: ping and TCP both ways"))
 }
 
+fn second_interface_case(ctx: &Ctx) -> CaseResult {
+    let rt = &ctx.rt;
+    let base = ctx.baseline()?;
+    let mut first = Pod::new(rt, "s1")?;
+    first.add()?;
+    let ip1 = first.ip()?;
+    // The same container and netns, another interface: a second attachment the spec allows.
+    let second_if = if rt.opts.ifname == "net1" {
+        "net2"
+    } else {
+        "net1"
+    };
+    let mut second = Pod::own(rt, "s2", first.list.clone())?;
+    second.att = first.att.clone();
+    second.att.ifname = second_if.to_string();
+    let a = second.try_add()?;
+    if !a.ok {
+        second.added = false;
+        fail!(
+            "ADD of {second_if} into a pod that has {} failed: {}",
+            first.att.ifname,
+            first_line(&a)
+        );
+    }
+    let ip2 = second.ip()?;
+    if ip1 == ip2 {
+        fail!("both interfaces got {ip1}");
+    }
+    ping(&rt.node_path(), ip2).with_context(|| format!("{second_if} ({ip2}) unreachable"))?;
+    second.del()?;
+    ping(&rt.node_path(), ip1).with_context(|| {
+        format!(
+            "after DEL of {second_if}, {} ({ip1}) unreachable",
+            first.att.ifname
+        )
+    })?;
+    first.del()?;
+    // `second` shares the netns path but not the namespace object: nothing else to remove.
+    ctx.back_to(&base, Duration::from_secs(3))?;
+    Ok(format!(
+        "{} ({ip1}) and {second_if} ({ip2}) in one pod; DEL of one leaves the other working",
+        first.att.ifname
+    ))
+}
+
 fn add_twice_case(ctx: &Ctx) -> CaseResult {
     let rt = &ctx.rt;
     let mut pod = Pod::new(rt, "a2")?;
@@ -731,9 +776,12 @@ fn first_line(a: &Attempt) -> String {
         .last
         .as_ref()
         .and_then(|i| i.cni_error().ok())
-        .map(|e| format!("code {}: {}", e.code, e.msg))
+        .map(|e| match e.details.filter(|d| !d.is_empty()) {
+            Some(d) => format!("code {}: {} ({d})", e.code, e.msg),
+            None => format!("code {}: {}", e.code, e.msg),
+        })
         .unwrap_or_else(|| a.detail.clone());
-    s.lines().next().unwrap_or("").chars().take(160).collect()
+    s.lines().next().unwrap_or("").chars().take(220).collect()
 }
 
 fn check_missing_route_case(ctx: &Ctx) -> CaseResult {
@@ -1704,6 +1752,12 @@ pub fn all() -> Vec<Case> {
         Required,
         "a second ADD of the same attachment fails and breaks nothing",
         Box::new(add_twice_case),
+    );
+    add(
+        "second-interface",
+        Advisory,
+        "a second interface (another CNI_IFNAME) for the same container works alongside the first",
+        Box::new(second_interface_case),
     );
     add(
         "check-passes",
