@@ -91,7 +91,63 @@ step "node -> pod and external host -> pod"
 in_node ping -c 2 -W 1 ${IP[${PODS[2]}]} | sed 's/^/  /' | tail -2
 nsenter --net=/run/netns/$EXT ping -c 2 -W 1 ${IP[${PODS[0]}]} | sed 's/^/  /' | tail -2
 
-step "sluicectl status: attachments, per-pod counters, programs"
+step "a ClusterIP Service: web (10.96.0.10:80) -> pod2:8080, pod3:8080 (targetPort by name)"
+cat > "$WORK/web.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [${IP[${PODS[1]}]}], conditions: {ready: true}}
+- {addresses: [${IP[${PODS[2]}]}], conditions: {ready: true}}
+YAML
+echo "\$ sluicectl apply -f web.yaml"
+ctl apply -f "$WORK/web.yaml"
+# Each backend prints the client address it sees, and answers with its own.
+for p in ${PODS[1]} ${PODS[2]}; do
+    in_pod $p python3 -c '
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 8080)); s.listen(16)
+while True:
+    c, a = s.accept(); me = c.getsockname()[0]
+    print("  backend %s: connection from %s" % (me, a[0]), flush=True)
+    c.sendall(("hello from %s, you are %s\n" % (me, a[0])).encode()); c.close()' &
+done
+sleep 0.7
+echo "pod1 (${IP[${PODS[0]}]}) connects to 10.96.0.10:80 six times:"
+for i in 1 2 3 4 5 6; do
+    echo "  pod1 got: $(in_pod ${PODS[0]} nc -N 10.96.0.10 80 </dev/null)"
+    sleep 0.1
+done
+echo "(no SNAT: every backend saw the client pod's own IP ${IP[${PODS[0]}]})"
+
+step "a Service without endpoints is refused at once (not a timeout)"
+printf 'apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: demo}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}\n' | ctl apply -f -
+in_pod ${PODS[0]} python3 -c '
+import socket, time
+t = time.time()
+try: socket.create_connection(("10.96.0.11", 80), 5)
+except ConnectionRefusedError: print("  pod1 -> 10.96.0.11:80: connection refused after %.1f ms" % ((time.time() - t) * 1000))'
+
+step "sluicectl get services"
+ctl get services
+step "sluicectl get endpoints"
+ctl get endpoints
+step "sluicectl get conntrack"
+ctl get conntrack
+
+step "sluicectl status: attachments, per-pod counters, programs, packet outcomes"
 ctl status
 
 step "done"

@@ -10,8 +10,15 @@
 /* linux/icmp.h drags in libc's socket headers; the three values we need, from RFC 792. */
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
-#define ICMP_QUOTE_LEN    8 /* quoted after the original IP header: 8 bytes of its payload */
 #define IP_HDR_MAX_LEN    60 /* IHL 15 */
+/*
+ * Quoted after the original IP header: RFC 792's 8 bytes for UDP, the whole fixed TCP header for
+ * TCP. A packet the pod sent with checksum offload (CHECKSUM_PARTIAL) cannot be cut before the
+ * end of its L4 checksum field (bpf_skb_change_tail refuses), and that field sits at TCP offset
+ * 16; RFC 1812 allows quoting more than 8 bytes anyway.
+ */
+#define QUOTE_UDP         8
+#define QUOTE_TCP         20
 
 struct icmp_unreach_hdr {
 	__u8   type;
@@ -23,8 +30,8 @@ struct icmp_unreach_hdr {
 struct icmp_reject {
 	struct iphdr ip;
 	struct icmp_unreach_hdr icmp;
-	/* The original IP header, options included, then ICMP_QUOTE_LEN bytes of its payload. */
-	__u8 quote[IP_HDR_MAX_LEN + ICMP_QUOTE_LEN];
+	/* The original IP header, options included, then the start of its payload. */
+	__u8 quote[IP_HDR_MAX_LEN + QUOTE_TCP];
 };
 
 static __always_inline __sum16 csum_fold32(__u32 csum)
@@ -36,7 +43,7 @@ static __always_inline __sum16 csum_fold32(__u32 csum)
 
 /**
  * reject_port_unreachable - rewrite @skb in place into ICMP dest-unreachable/port for its sender.
- * The quote is the original IP header with its options and 8 bytes of payload (RFC 792), so the
+ * The quote is the original IP header with its options and the start of the payload, so the
  * client finds its socket from the quoted ports whatever the header length.
  * Return: REASON_NO_BACKEND with pkt->redirect_back set, or REASON_DROP_NO_BACKEND when the packet
  * cannot be turned around (helper failure): the client then times out instead.
@@ -46,7 +53,7 @@ static __always_inline int reject_port_unreachable(struct __sk_buff *skb, struct
 	struct icmp_reject r = {};
 	/* parse_packet guarantees 5 <= ihl <= 15 and a full TCP/UDP header after it; the mask also
 	 * bounds the lengths below for the verifier. */
-	__u32 quote_len = (pkt->ihl & 0xf) * 4 + ICMP_QUOTE_LEN;
+	__u32 quote_len = (pkt->ihl & 0xf) * 4 + (pkt->proto == IPPROTO_TCP ? QUOTE_TCP : QUOTE_UDP);
 	__u32 len = sizeof(r.ip) + sizeof(r.icmp) + quote_len;
 	__s64 sum;
 

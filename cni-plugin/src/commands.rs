@@ -180,13 +180,17 @@ async fn setup(
     })?;
 
     // Pod side: ip/32, the gateway on-link with a fixed neighbour entry, default route through it.
+    // A second interface of the same pod (another CNI_IFNAME) finds the gateway and default
+    // routes taken by the first: it keeps them, and its result lists no default route.
     pod.add_address(pod_link.index, ip, 32).await?;
     pod.set_up(pod_link.index).await?;
-    pod.add_route(gateway, 32, pod_link.index, None).await?;
     pod.add_neighbour(pod_link.index, gateway, &HOST_MAC)
         .await?;
-    pod.add_route(Ipv4Addr::UNSPECIFIED, 0, pod_link.index, Some(gateway))
-        .await?;
+    let primary = pod.try_add_route(gateway, 32, pod_link.index, None).await?;
+    let default_route = primary
+        && pod
+            .try_add_route(Ipv4Addr::UNSPECIFIED, 0, pod_link.index, Some(gateway))
+            .await?;
 
     // Host side: up, and a /32 route to the pod through it.
     host.set_up(host_link.index).await?;
@@ -212,6 +216,7 @@ async fn setup(
             mtu: conf.mtu,
             ip,
             gateway,
+            default_route,
         },
     ))
 }

@@ -180,6 +180,22 @@ impl Netlink {
         oif: u32,
         gw: Option<Ipv4Addr>,
     ) -> Result<()> {
+        match self.try_add_route(dst, prefix, oif, gw).await? {
+            true => Ok(()),
+            false => Err(err(Code::Netlink, format!("adding route {dst}/{prefix}"))
+                .with_details("File exists (os error 17)")),
+        }
+    }
+
+    /// Like add_route, but a route to the same destination already there is not an error:
+    /// Ok(false) says it was left as it was.
+    pub async fn try_add_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix: u8,
+        oif: u32,
+        gw: Option<Ipv4Addr>,
+    ) -> Result<bool> {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, prefix)
             .output_interface(oif);
@@ -187,12 +203,11 @@ impl Netlink {
             Some(gw) => b.gateway(gw),
             None => b.scope(RouteScope::Link),
         };
-        self.handle
-            .route()
-            .add(b.build())
-            .execute()
-            .await
-            .map_err(nl_err(format!("adding route {dst}/{prefix}")))
+        match self.handle.route().add(b.build()).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(nl_err(format!("adding route {dst}/{prefix}"))(e)),
+        }
     }
 
     /// IPv4 routes of the main table leaving through `oif`: (dst, prefix, gateway).

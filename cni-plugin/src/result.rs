@@ -17,6 +17,8 @@ pub struct PodNetwork {
     pub mtu: u32,
     pub ip: Ipv4Addr,
     pub gateway: Ipv4Addr,
+    /// The default route through this interface is ours (false for a pod's second interface).
+    pub default_route: bool,
 }
 
 fn array(v: Option<&Value>, key: &str) -> Vec<Value> {
@@ -52,7 +54,9 @@ pub fn add_result(cni_version: &str, prev: Option<&Value>, pod: &PodNetwork) -> 
         "gateway": pod.gateway.to_string(),
         "interface": pod_index,
     }));
-    routes.push(json!({"dst": "0.0.0.0/0", "gw": pod.gateway.to_string()}));
+    if pod.default_route {
+        routes.push(json!({"dst": "0.0.0.0/0", "gw": pod.gateway.to_string()}));
+    }
 
     // 0.4.0 marks each IP with its family; 1.x dropped the field.
     for ip in &mut ips {

@@ -221,6 +221,7 @@ fn pod() -> PodNetwork {
         mtu: 1500,
         ip: "10.244.0.7".parse().unwrap(),
         gateway: "169.254.1.1".parse().unwrap(),
+        default_route: true,
     }
 }
 
@@ -248,6 +249,17 @@ fn results_per_version() {
 
     let r11 = add_result("1.1.0", None, &pod());
     assert_eq!(r11["interfaces"][1]["mtu"], 1500);
+
+    let second = PodNetwork {
+        ifname: "net1".into(),
+        default_route: false,
+        ..pod()
+    };
+    assert_eq!(
+        add_result("1.0.0", None, &second)["routes"],
+        json!([]),
+        "a second interface adds no default route"
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod common;
 /// - second-interface: a second interface for the same container (e.g. CNI_IFNAME=net1 next to
 ///   eth0, which the spec allows) fails with code 101 "adding route 169.254.1.1/32" (File
 ///   exists): the pod-side gateway and default routes are not scoped to the new interface.
-const KNOWN_ADVISORY_FAILURES: &[&str] = &["second-interface"];
+const KNOWN_ADVISORY_FAILURES: &[&str] = &[];
 
 fn unexpected(run: &common::Run) -> Vec<String> {
     let mut bad: Vec<String> = run.with("n/a");

@@ -39,6 +39,14 @@ impl AttachMode {
         }
     }
 
+    pub fn from_name(s: &str) -> Option<AttachMode> {
+        match s {
+            "tcx" => Some(AttachMode::Tcx),
+            "tc" => Some(AttachMode::Tc),
+            _ => None,
+        }
+    }
+
     /// tcx where the kernel has it (6.6+), clsact otherwise.
     pub fn detect() -> AttachMode {
         let release = nix::sys::utsname::uname()
@@ -272,16 +280,24 @@ impl Datapath {
     }
 
     /// Attaches (or re-adopts) both programs on a host-side veth and creates its counters.
-    /// Idempotent: an existing attachment gets the current programs, atomically.
-    pub fn attach(&self, host_ifname: &str, ifindex: u32) -> Result<()> {
+    /// Idempotent: an existing attachment gets the current programs, atomically. `previous` is the
+    /// mode the interface was attached with before (a daemon restarted in another mode removes the
+    /// old attachment so programs never run twice).
+    pub fn attach(
+        &self,
+        host_ifname: &str,
+        ifindex: u32,
+        previous: Option<AttachMode>,
+    ) -> Result<()> {
         let hooks = [(&self.from_pod, "ingress"), (&self.to_pod, "egress")];
         match self.mode {
             AttachMode::Tcx => {
                 for (prog, dir) in hooks {
                     self.attach_tcx(prog.as_fd(), host_ifname, ifindex, dir)?;
                 }
-                // Coming from clsact mode: do not run the programs twice.
-                self.detach_tc(ifindex);
+                if previous == Some(AttachMode::Tc) {
+                    self.detach_tc(ifindex);
+                }
             }
             AttachMode::Tc => {
                 for (prog, dir) in hooks {
@@ -382,13 +398,15 @@ impl Datapath {
     }
 
     /// Detaches from a veth (if it still exists) and forgets its counters. Idempotent.
-    pub fn detach(&self, host_ifname: &str, ifindex: u32) {
+    pub fn detach(&self, host_ifname: &str, ifindex: u32, mode: Option<AttachMode>) {
         for dir in ["ingress", "egress"] {
             // Unpinning the last reference of a tcx link detaches it.
             let _ = std::fs::remove_file(self.link_pin(host_ifname, dir));
         }
         if ifindex != 0 {
-            if nix::net::if_::if_nametoindex(host_ifname).ok() == Some(ifindex) {
+            if mode == Some(AttachMode::Tc)
+                && nix::net::if_::if_nametoindex(host_ifname).ok() == Some(ifindex)
+            {
                 self.detach_tc(ifindex);
             }
             let _ = self.maps.pods.delete(as_bytes(&ifindex));

@@ -104,6 +104,9 @@ pub struct Allocation {
     /// The host-side veth's ifindex when attached (keys its counters).
     #[serde(default)]
     pub host_ifindex: u32,
+    /// How the programs were attached ("tcx" or "tc"), so a restart in the other mode can undo it.
+    #[serde(default)]
+    pub attach_mode: String,
     /// Unix seconds of the claim.
     pub created: u64,
 }
@@ -311,6 +314,7 @@ mod tests {
             pod_name: String::new(),
             attached: false,
             host_ifindex: 0,
+            attach_mode: String::new(),
             created: 1,
         }
     }

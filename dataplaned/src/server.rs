@@ -9,7 +9,7 @@ use sluice_core::proto::dataplane_server::Dataplane;
 use sluice_core::proto::*;
 use tonic::{Request, Response, Status};
 
-use crate::datapath::{reason_name, Datapath};
+use crate::datapath::{reason_name, AttachMode, Datapath};
 use crate::ipam::{Allocation, IpamError};
 use crate::services::{conntrack, ApplyError};
 use crate::state::{ifindex, now_unix, Inner, State};
@@ -115,6 +115,7 @@ impl Dataplane for Api {
             pod_name: req.pod_name,
             attached: false,
             host_ifindex: 0,
+            attach_mode: String::new(),
             created: now_unix(),
         };
         let (a, new, prefix) = self
@@ -155,10 +156,11 @@ impl Dataplane for Api {
             let idx = ifindex(&a.host_ifname).ok_or_else(|| {
                 Status::failed_precondition(format!("{} does not exist", a.host_ifname))
             })?;
-            dp.attach(&a.host_ifname, idx)
+            dp.attach(&a.host_ifname, idx, AttachMode::from_name(&a.attach_mode))
                 .map_err(|e| Status::internal(format!("{e:#}")))?;
             a.attached = true;
             a.host_ifindex = idx;
+            a.attach_mode = dp.mode().name().to_string();
             s.ipam.update(a).map_err(ipam_status)
         })
         .await?;
@@ -173,7 +175,7 @@ impl Dataplane for Api {
         let released = self
             .locked(move |s, dp| {
                 let Some(a) = s.ipam.get(&r.container_id, &r.ifname).cloned() else { return Ok(false) };
-                dp.detach(&a.host_ifname, a.host_ifindex);
+                dp.detach(&a.host_ifname, a.host_ifindex, AttachMode::from_name(&a.attach_mode));
                 s.ipam.release(&r.container_id, &r.ifname).map_err(ipam_status)?;
                 tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip, "release");
                 Ok(true)
@@ -226,7 +228,11 @@ impl Dataplane for Api {
             let a2 = a.clone();
             let released = self
                 .locked(move |s, dp| {
-                    dp.detach(&a2.host_ifname, a2.host_ifindex);
+                    dp.detach(
+                        &a2.host_ifname,
+                        a2.host_ifindex,
+                        AttachMode::from_name(&a2.attach_mode),
+                    );
                     s.ipam
                         .release(&a2.container_id, &a2.ifname)
                         .map_err(ipam_status)

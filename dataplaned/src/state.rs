@@ -91,12 +91,16 @@ impl State {
         for mut a in allocations {
             match ifindex(&a.host_ifname) {
                 Some(idx) if a.attached => {
-                    if let Err(e) = datapath.attach(&a.host_ifname, idx) {
+                    if let Err(e) =
+                        datapath.attach(&a.host_ifname, idx, AttachMode::from_name(&a.attach_mode))
+                    {
                         tracing::error!(error = %format!("{e:#}"), pod = %a.host_ifname, "re-adopting a pod failed");
                         continue;
                     }
-                    if a.host_ifindex != idx {
+                    let mode = datapath.mode().name();
+                    if a.host_ifindex != idx || a.attach_mode != mode {
                         a.host_ifindex = idx;
+                        a.attach_mode = mode.to_string();
                         let _ = ipam.update(a);
                     }
                     adopted += 1;
@@ -109,7 +113,7 @@ impl State {
         for name in datapath.pinned_link_ifnames() {
             if !known.contains(&name) {
                 tracing::info!(link = %name, "removing pinned links of an unknown interface");
-                datapath.detach(&name, 0);
+                datapath.detach(&name, 0, None);
             }
         }
         tracing::info!(adopted, "start-up reconciliation done");
@@ -134,7 +138,11 @@ impl State {
 }
 
 fn release_leaked(ipam: &mut Ipam, datapath: &Datapath, a: &Allocation) {
-    datapath.detach(&a.host_ifname, a.host_ifindex);
+    datapath.detach(
+        &a.host_ifname,
+        a.host_ifindex,
+        AttachMode::from_name(&a.attach_mode),
+    );
     match ipam.release(&a.container_id, &a.ifname) {
         Ok(_) => tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip,
             "released an allocation whose interface is gone"),

@@ -338,11 +338,17 @@ impl Pkt {
         out
     }
 
-    /// The ICMP destination-unreachable/port-unreachable a host answers this packet with (RFC 792:
-    /// the original IP header and the first 8 bytes of its payload), sent back on the same link.
+    /// The ICMP destination-unreachable/port-unreachable sluice answers this packet with: the
+    /// original IP header and the start of its payload (RFC 792's 8 bytes for UDP, the whole
+    /// 20-byte TCP header for TCP), sent back on the same link.
     pub fn port_unreachable(&self) -> Vec<u8> {
         let orig = self.bytes();
-        let quote = &orig[14..14 + self.ihl() * 4 + 8];
+        let payload = if matches!(self.l4, L4::Tcp { .. }) {
+            20
+        } else {
+            8
+        };
+        let quote = &orig[14..14 + self.ihl() * 4 + payload];
         let icmp = Icmpv4Header::with_checksum(
             Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
             quote,

@@ -244,6 +244,43 @@ impl SluiceNode {
             .args(args))
     }
 
+    /// `sluicectl apply -f -` with `yaml` on stdin.
+    pub fn apply(&self, yaml: &str) -> Result<Output> {
+        self.objects("apply", yaml)
+    }
+
+    pub fn delete(&self, yaml: &str) -> Result<Output> {
+        self.objects("delete", yaml)
+    }
+
+    fn objects(&self, verb: &str, yaml: &str) -> Result<Output> {
+        use std::io::Write;
+        let mut child = self
+            .ns
+            .command(SLUICECTL)
+            .arg("--socket")
+            .arg(self.socket())
+            .args([verb, "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().unwrap().write_all(yaml.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "sluicectl {verb} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn get_json(&self, what: &str) -> Result<Value> {
+        let out = self.sluicectl(&["get", what, "-o", "json"])?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     pub fn status_json(&self) -> Result<Value> {
         let out = self.sluicectl(&["status", "-o", "json"])?;
         Ok(serde_json::from_slice(&out.stdout)?)
@@ -274,7 +311,8 @@ impl Drop for SluiceNode {
     }
 }
 
-/// A TCP echo server in `ns` on `port`, answering each line with "<its peer's IP> <line>".
+/// A TCP echo server in `ns` on `port`, answering each line with "<peer IP> <own IP> <line>":
+/// who connected (the client address the backend sees) and which backend answered.
 pub fn echo_server(ns: &Netns, port: u16) -> Result<Proc> {
     let script = format!(
         r#"
@@ -282,9 +320,10 @@ import socket, threading
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", {port})); s.listen(128)
 def serve(c, a):
+    me = c.getsockname()[0].encode()
     f = c.makefile("rwb")
     for line in f:
-        f.write(a[0].encode() + b" " + line); f.flush()
+        f.write(a[0].encode() + b" " + me + b" " + line); f.flush()
     c.close()
 while True:
     c, a = s.accept()
@@ -312,9 +351,83 @@ while True:
 
 /// One request/response over a fresh TCP connection from `ns`: returns what the server saw as our IP.
 pub fn tcp_ask(ns: &Netns, addr: &str, port: u16) -> Result<String> {
+    Ok(tcp_ask_full(ns, addr, port)?.0)
+}
+
+/// Like tcp_ask, returning (client IP the server saw, the server's own IP).
+pub fn tcp_ask_full(ns: &Netns, addr: &str, port: u16) -> Result<(String, String)> {
     let script = format!(
-        "import socket\nc = socket.create_connection(('{addr}', {port}), 3)\nc.sendall(b'hi\\n')\nprint(c.makefile().readline().split()[0])"
+        "import socket\nc = socket.create_connection(('{addr}', {port}), 3)\nc.sendall(b'hi\\n')\nprint(c.makefile().readline())"
     );
     let out = run(ns.command("python3").args(["-c", &script]))?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    Ok((
+        it.next().unwrap_or("").to_string(),
+        it.next().unwrap_or("").to_string(),
+    ))
+}
+
+/// `n` TCP connections from `ns`, one after another: (client IP seen, backend) of each.
+pub fn tcp_ask_many(ns: &Netns, addr: &str, port: u16, n: usize) -> Result<Vec<(String, String)>> {
+    let script = format!(
+        r#"
+import socket
+for i in range({n}):
+    c = socket.create_connection(('{addr}', {port}), 3)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\x01\x00\x00\x00\x00\x00\x00\x00')
+    c.sendall(b'hi\n'); print(c.makefile().readline().strip()); c.close()
+"#
+    );
+    let out = run(ns.command("python3").args(["-c", &script]))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            (
+                it.next().unwrap_or("").to_string(),
+                it.next().unwrap_or("").to_string(),
+            )
+        })
+        .collect())
+}
+
+/// A UDP server in `ns` on `port` answering each datagram with "<peer IP> <own IP>".
+pub fn udp_server(ns: &Netns, port: u16) -> Result<Proc> {
+    let script = format!(
+        r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", {port}))
+s.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO: learn which local address was asked
+while True:
+    data, anc, flags, a = s.recvmsg(2048, 1024)
+    me = "?"
+    for level, kind, blob in anc:
+        if level == socket.IPPROTO_IP and kind == 8:
+            me = socket.inet_ntoa(blob[8:12])
+    s.sendto((a[0] + " " + me).encode(), a)
+"#
+    );
+    let p = Proc::spawn(
+        "udp-server",
+        ns.command("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::null()),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(p)
+}
+
+/// One UDP request/response from `ns` (connected socket): (client IP seen, server IP).
+pub fn udp_ask(ns: &Netns, addr: &str, port: u16) -> Result<(String, String)> {
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\ns.connect(('{addr}', {port})); s.send(b'q')\nprint(s.recv(100).decode())"
+    );
+    let out = run(ns.command("python3").args(["-c", &script]))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    Ok((
+        it.next().unwrap_or("").to_string(),
+        it.next().unwrap_or("").to_string(),
+    ))
 }
