@@ -289,10 +289,12 @@ impl Datapath {
         ifindex: u32,
         previous: Option<AttachMode>,
     ) -> Result<()> {
-        let hooks = [(&self.from_pod, "ingress"), (&self.to_pod, "egress")];
         match self.mode {
             AttachMode::Tcx => {
-                for (prog, dir) in hooks {
+                // Each tcx attach waits out an RCU grace period (the kernel swaps the device's
+                // program array under the RTNL lock, so two directions cannot overlap): this is
+                // most of a pod ADD's latency in tcx mode (see README, "CNI latency").
+                for (prog, dir) in [(&self.from_pod, "ingress"), (&self.to_pod, "egress")] {
                     self.attach_tcx(prog.as_fd(), host_ifname, ifindex, dir)?;
                 }
                 if previous == Some(AttachMode::Tc) {
@@ -300,7 +302,7 @@ impl Datapath {
                 }
             }
             AttachMode::Tc => {
-                for (prog, dir) in hooks {
+                for (prog, dir) in [(&self.from_pod, "ingress"), (&self.to_pod, "egress")] {
                     let point = if dir == "ingress" {
                         TC_INGRESS
                     } else {
