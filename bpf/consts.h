@@ -65,6 +65,9 @@ enum reason {
 	REASON_DROP_CT_CREATE    = 19, /* conntrack insert failed */
 	REASON_DROP_REWRITE      = 20, /* a store/checksum helper failed */
 	REASON_DROP_NO_BACKEND   = 21, /* no endpoint and the reject could not be built */
+	REASON_DROP_CT_COLLISION = 22, /* the reply tuple belongs to another live flow (same client
+					* port to another frontend with the same backend): the
+					* client retries the SYN, which may pick another backend */
 	REASON_MAX               = 32,
 };
 

@@ -52,7 +52,7 @@ static __always_inline int lb_new_flow(const struct frontend_value *fe, const st
 	struct ct_key fkey = {}, rkey = {};
 	struct ct_value rev = {};
 	struct backend_value be = {};
-	struct ct_value *winner;
+	struct ct_value *winner, *clash;
 	int hairpin, reason;
 
 	reason = lb_pick(fe, pkt, now, &be);
@@ -82,6 +82,16 @@ static __always_inline int lb_new_flow(const struct frontend_value *fe, const st
 	rev.svc_id = fe->svc_id;
 	rev.type = CT_TYPE_REV;
 	rev.flags = fwd->flags;
+
+	/* The reply tuple may already belong to another live flow: the same client port towards
+	 * another frontend with this backend. Overwriting it would break that flow's replies; this
+	 * one is refused instead (no source-port NAT here). An ended flow's entry may be reused. */
+	clash = bpf_map_lookup_elem(&sl_ct_v1, &rkey);
+	if (clash && clash->type == CT_TYPE_REV &&
+	    (clash->nat_saddr != rev.nat_saddr || clash->nat_sport != rev.nat_sport ||
+	     clash->nat_daddr != rev.nat_daddr) &&
+	    !(clash->tcp_flags_seen & (TCPF_FIN | TCPF_RST)))
+		return REASON_DROP_CT_COLLISION;
 
 	/* Reverse first: once the forward entry exists, replies may come. */
 	if (bpf_map_update_elem(&sl_ct_v1, &rkey, &rev, BPF_ANY) < 0)

@@ -524,6 +524,7 @@ pub fn reason_name(r: u32) -> Option<&'static str> {
         R::REASON_DROP_CT_CREATE => "drop_ct_create",
         R::REASON_DROP_REWRITE => "drop_rewrite",
         R::REASON_DROP_NO_BACKEND => "drop_no_backend",
+        R::REASON_DROP_CT_COLLISION => "drop_ct_collision",
         _ => return None,
     })
 }

@@ -36,6 +36,9 @@ const OTHER: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 9);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VPORT: u16 = 80;
 const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const VIP2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const SVC2: u32 = 3;
+const FE2: (Ipv4Addr, u16) = (VIP2, VPORT);
 const DNS_PORT: u16 = 53;
 const CPORT: u16 = 40000;
 const BE_A: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 2, 7), 8080);
@@ -552,8 +555,18 @@ fn cases() -> Vec<Case> {
     v
 }
 
+/// The backend's FIN|ACK back to the client (reverse NAT to the frontend), ending the flow.
+fn reply_fin_step() -> Step {
+    let fin_reply = Pkt::tcp(BE_A, C, FIN | ACK);
+    to_pod("the backend's FIN", &fin_reply).nat(
+        &fin_reply.clone().with_src(VIP, VPORT).towards_pod(),
+        R::REASON_REV_NAT,
+    )
+}
+
 fn tcp_cases() -> Vec<Case> {
     let syn = Pkt::tcp(C, FE, SYN);
+    let syn2 = Pkt::tcp(C, FE2, SYN);
     let syn_out = syn.clone().with_dst(BE_A.0, BE_A.1);
     let ack = Pkt::tcp(C, FE, ACK | PSH);
     let fin = Pkt::tcp(C, FE, FIN | ACK);
@@ -622,6 +635,46 @@ fn tcp_cases() -> Vec<Case> {
                     Ct::rev(rev_a, FE, SVC, 0),
                 ],
                 svc: vec![(SVC, count(3, len(&syn) + 2 * len(&ack)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "tcp_reply_tuple_clash_with_another_frontend_is_refused_until_that_flow_ends",
+            [
+                web(1),
+                vec![fe(VIP2, VPORT, TCP, SVC2, 1), be(SVC2, 0, BE_A)],
+            ]
+            .concat(),
+            vec![
+                from_pod("SYN to VIP:80 -> A", &syn)
+                    .nat(&syn_out, R::REASON_NAT_NEW)
+                    .svc(SVC),
+                from_pod(
+                    "same client port to VIP2:80 -> A: A's reply tuple is taken",
+                    &syn2,
+                )
+                .drop(R::REASON_DROP_CT_COLLISION),
+                from_pod("the first flow ends", &fin)
+                    .nat(
+                        &fin.clone().with_dst(BE_A.0, BE_A.1),
+                        R::REASON_NAT_ESTABLISHED,
+                    )
+                    .svc(SVC),
+                reply_fin_step(),
+                from_pod("now the second flow may have the tuple", &syn2)
+                    .nat(&syn2.clone().with_dst(BE_A.0, BE_A.1), R::REASON_NAT_NEW)
+                    .svc(SVC2),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(fwd, BE_A, SVC, SYN | FIN | ACK),
+                    Ct::fwd(tuple(C, FE2, TCP), BE_A, SVC2, SYN),
+                    Ct::rev(rev_a, FE2, SVC2, 0),
+                ],
+                svc: vec![
+                    (SVC, count(2, len(&syn) + len(&fin))),
+                    (SVC2, count(1, len(&syn2))),
+                ],
                 ..Default::default()
             },
         ),
