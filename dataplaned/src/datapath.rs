@@ -182,9 +182,20 @@ fn drop_incompatible_pin(pin: &Path, map_type: libbpf_rs::MapType, key: u32, val
     }
 }
 
+/// libbpf's own messages go to our log: warnings (e.g. a verifier log on a failed load) as
+/// warnings, the rest at debug level.
+fn libbpf_log(level: libbpf_rs::PrintLevel, msg: String) {
+    let msg = msg.trim_end();
+    match level {
+        libbpf_rs::PrintLevel::Warn => tracing::warn!(target: "libbpf", "{msg}"),
+        _ => tracing::debug!(target: "libbpf", "{msg}"),
+    }
+}
+
 impl Datapath {
     /// Loads the programs, reusing pinned maps, and pins maps and programs under `cfg.bpffs`.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath> {
+        libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, libbpf_log)));
         ensure_bpffs(&cfg.bpffs)?;
         let maps_dir = cfg.bpffs.join("maps");
         let mut storage = MaybeUninit::uninit();
