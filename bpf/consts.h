@@ -18,7 +18,6 @@
 /* frontend_value.flags (bits) */
 enum frontend_flags {
 	FE_F_AFFINITY     = 1 << 0, /* sessionAffinity: ClientIP */
-	FE_F_VIP_MARKER   = 1 << 1, /* {vip, 0, 0}: marks a VIP for fragment handling, no service */
 };
 
 /* ct_value.type: which leg of a NATed flow this entry describes */

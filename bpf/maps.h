@@ -12,7 +12,7 @@
 #include "consts.h"
 #include "types.h"
 
-/* Service frontends: (ClusterIP, port, proto) -> backend set. Plus VIP marker entries. */
+/* Service frontends: (ClusterIP, port, proto) -> backend set. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct frontend_key);
@@ -20,6 +20,16 @@ struct {
 	__uint(max_entries, MAX_FRONTENDS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } sl_fe_v1 SEC(".maps");
+
+/* Every VIP that has a frontend (value unused): a fragment to one is dropped, not passed, since
+ * it carries no ports to NAT by. Apart from sl_fe_v1 so frontends get that map's whole size. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __be32);
+	__type(value, __u32);
+	__uint(max_entries, MAX_FRONTENDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} sl_vip_v1 SEC(".maps");
 
 /* Backend slots: (svc_id, slot) -> backend address. Ready backends only. */
 struct {

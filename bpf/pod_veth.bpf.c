@@ -13,9 +13,9 @@
 /* Fragments carry no ports: they pass, unless they are for a VIP (cannot be NATed, so dropped). */
 static __always_inline int fragment_reason(const struct packet *pkt)
 {
-	struct frontend_key marker = { .vip = pkt->daddr };
+	__be32 vip = pkt->daddr;
 
-	if (bpf_map_lookup_elem(&sl_fe_v1, &marker))
+	if (bpf_map_lookup_elem(&sl_vip_v1, &vip))
 		return REASON_DROP_FRAG_TO_VIP;
 	return REASON_PASS_FRAGMENT;
 }

@@ -12,7 +12,7 @@
 /* sl_fe_v1 key: a service frontend (ClusterIP, port, protocol). */
 struct frontend_key {
 	__be32 vip;             /* net */
-	__be16 port;            /* net; 0 with proto 0 = VIP marker entry */
+	__be16 port;            /* net */
 	__u8   proto;           /* IPPROTO_TCP / IPPROTO_UDP */
 	__u8   pad;
 };

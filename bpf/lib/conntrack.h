@@ -27,12 +27,52 @@ static __always_inline void ct_touch(struct ct_value *ct, const struct packet *p
 		ct->last_seen_ns = now;
 }
 
-/* A fresh SYN on a forward entry whose connection has ended reuses the port: start a new flow. */
-static __always_inline int ct_is_port_reuse(const struct ct_value *ct, const struct packet *pkt)
+#define TCPF_ENDED (TCPF_FIN | TCPF_RST)
+
+/* The reverse key a forward entry implies (mirrored by userspace in conntrack.rs). */
+static __always_inline void ct_rev_key_of_fwd(const struct ct_key *fkey, const struct ct_value *fwd,
+					      struct ct_key *rkey)
 {
-	return pkt->proto == IPPROTO_TCP &&
-	       (pkt->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN &&
-	       (ct->tcp_flags_seen & (TCPF_FIN | TCPF_RST));
+	rkey->saddr = fwd->nat_daddr;
+	rkey->daddr = (fwd->flags & CT_F_HAIRPIN) ? fwd->nat_saddr : fkey->saddr;
+	rkey->sport = fwd->nat_dport;
+	rkey->dport = fkey->sport;
+	rkey->proto = fkey->proto;
+}
+
+/* The forward key a reverse entry implies. */
+static __always_inline void ct_fwd_key_of_rev(const struct ct_key *rkey, const struct ct_value *rev,
+					      struct ct_key *fkey)
+{
+	fkey->saddr = (rev->flags & CT_F_HAIRPIN) ? rev->nat_daddr : rkey->daddr;
+	fkey->daddr = rev->nat_saddr;
+	fkey->sport = rkey->dport;
+	fkey->dport = rev->nat_sport;
+	fkey->proto = rkey->proto;
+}
+
+/* Whether a TCP flow saw FIN or RST in either direction (its other leg may be gone: ended). */
+static __always_inline int ct_ended(const struct ct_value *leg, const struct ct_key *other_key)
+{
+	const struct ct_value *other;
+
+	if (leg->tcp_flags_seen & TCPF_ENDED)
+		return 1;
+	other = bpf_map_lookup_elem(&sl_ct_v1, other_key);
+	return !other || (other->tcp_flags_seen & TCPF_ENDED);
+}
+
+/* A fresh SYN on a flow that has ended (FIN or RST from either side) reuses the port: a new flow.
+ * Only a SYN pays the second lookup. */
+static __always_inline int ct_is_port_reuse(const struct ct_key *fkey, const struct ct_value *fwd,
+					    const struct packet *pkt)
+{
+	struct ct_key rkey = {};
+
+	if (pkt->proto != IPPROTO_TCP || (pkt->tcp_flags & (TCPF_SYN | TCPF_ACK)) != TCPF_SYN)
+		return 0;
+	ct_rev_key_of_fwd(fkey, fwd, &rkey);
+	return ct_ended(fwd, &rkey);
 }
 
 /**

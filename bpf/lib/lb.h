@@ -89,9 +89,13 @@ static __always_inline int lb_new_flow(const struct frontend_value *fe, const st
 	clash = bpf_map_lookup_elem(&sl_ct_v1, &rkey);
 	if (clash && clash->type == CT_TYPE_REV &&
 	    (clash->nat_saddr != rev.nat_saddr || clash->nat_sport != rev.nat_sport ||
-	     clash->nat_daddr != rev.nat_daddr) &&
-	    !(clash->tcp_flags_seen & (TCPF_FIN | TCPF_RST)))
-		return REASON_DROP_CT_COLLISION;
+	     clash->nat_daddr != rev.nat_daddr)) {
+		struct ct_key clash_fkey = {};
+
+		ct_fwd_key_of_rev(&rkey, clash, &clash_fkey);
+		if (pkt->proto != IPPROTO_TCP || !ct_ended(clash, &clash_fkey))
+			return REASON_DROP_CT_COLLISION;
+	}
 
 	/* Reverse first: once the forward entry exists, replies may come. */
 	if (bpf_map_update_elem(&sl_ct_v1, &rkey, &rev, BPF_ANY) < 0)
@@ -127,7 +131,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct packet *pkt,
 
 	ct_key_of(pkt, &key);
 	ct = bpf_map_lookup_elem(&sl_ct_v1, &key);
-	if (ct && ct->type == CT_TYPE_FWD && !ct_is_port_reuse(ct, pkt)) {
+	if (ct && ct->type == CT_TYPE_FWD && !ct_is_port_reuse(&key, ct, pkt)) {
 		ct_touch(ct, pkt, now);
 		flow = *ct;
 		reason = REASON_NAT_ESTABLISHED;

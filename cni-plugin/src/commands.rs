@@ -24,6 +24,8 @@ use crate::spec::{Env, NetConf};
 pub const HOST_MAC: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xee];
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A request may queue behind a large service update in the daemon.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The host-side veth name: "sl" + 12 hex digits of sha256(containerID/ifname), 14 characters.
@@ -41,7 +43,7 @@ fn attachment_ref(env: &Env) -> AttachmentRef {
 }
 
 async fn daemon(conf: &NetConf, timeout: Duration) -> Result<DataplaneClient<Channel>> {
-    sluice_core::client::connect(Path::new(&conf.socket), timeout)
+    sluice_core::client::connect_with(Path::new(&conf.socket), timeout, REQUEST_TIMEOUT)
         .await
         .map_err(|e| {
             err(
@@ -327,7 +329,7 @@ pub async fn status(conf: &NetConf) -> Result<()> {
         .await
         .map_err(|e| unavailable(source_chain(&e)))?;
     let reply = client
-        .status(StatusRequest {})
+        .ready(StatusRequest {})
         .await
         .map_err(|s| unavailable(s.message().to_string()))?
         .into_inner();

@@ -98,6 +98,7 @@ pub struct DatapathConfig {
 /// Handles on every shared map (names carry the layout version; see bpf/maps.h).
 pub struct Maps {
     pub frontends: MapHandle,
+    pub vips: MapHandle,
     pub backends: MapHandle,
     pub conntrack: MapHandle,
     pub affinity: MapHandle,
@@ -217,6 +218,7 @@ impl Datapath {
         }
         prepare!(
             sl_fe_v1 => Some(s.frontends),
+            sl_vip_v1 => Some(s.frontends),
             sl_be_v1 => Some(s.backends),
             sl_ct_v1 => Some(s.conntrack),
             sl_aff_v1 => Some(s.affinity),
@@ -263,6 +265,7 @@ impl Datapath {
         };
         let maps = Maps {
             frontends: open_pin("sl_fe_v1")?,
+            vips: open_pin("sl_vip_v1")?,
             backends: open_pin("sl_be_v1")?,
             conntrack: open_pin("sl_ct_v1")?,
             affinity: open_pin("sl_aff_v1")?,

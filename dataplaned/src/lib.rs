@@ -108,7 +108,7 @@ pub async fn run(
                 let st = state.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     let dp = st.datapath.clone();
-                    if let Err(e) = st.lock().services.reload_manifests(&dp.maps) {
+                    if let Err(e) = st.services().reload_manifests(&dp.maps) {
                         tracing::error!(error = %format!("{e:#}"), "applying changed manifests");
                     }
                 })

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::datapath::{reason_name, AttachMode, Datapath};
 use crate::ipam::{Allocation, IpamError};
-use crate::services::{conntrack, ApplyError};
+use crate::services::{conntrack, objects, ApplyError};
 use crate::state::{ifindex, now_unix, Inner, State};
 use crate::POD_GATEWAY;
 
@@ -31,6 +31,17 @@ impl Api {
     ) -> Result<T, Status> {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || f(&mut state.lock(), &state.datapath))
+            .await
+            .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+    }
+
+    /// Runs `f` under the services lock on the blocking pool.
+    async fn services<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::services::Services, &Datapath) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&mut state.services(), &state.datapath))
             .await
             .map_err(|e| Status::internal(format!("worker failed: {e}")))?
     }
@@ -60,8 +71,17 @@ fn pair(r: Option<AttachmentRef>) -> Result<AttachmentRef, Status> {
 fn apply_status(e: ApplyError) -> Status {
     match e {
         ApplyError::Invalid(e) => Status::invalid_argument(e.to_string()),
+        ApplyError::Capacity(e) => Status::resource_exhausted(e),
         ApplyError::Internal(e) => Status::internal(format!("{e:#}")),
     }
+}
+
+/// Parses documents on the blocking pool.
+async fn parse(text: String, source: String) -> Result<Vec<objects::Object>, Status> {
+    tokio::task::spawn_blocking(move || objects::parse(&text, &source))
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+        .map_err(|e| apply_status(e.into()))
 }
 
 fn ipam_status(e: IpamError) -> Status {
@@ -256,6 +276,9 @@ impl Dataplane for Api {
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let node_name = self.state.node_name.clone();
+        let frontends = self
+            .services(|svc, _dp| Ok(svc.frontend_count() as u32))
+            .await?;
         self.locked(move |s, dp| {
             let mut attachments: Vec<Attachment> =
                 s.ipam.all().map(|a| attachment(a, dp)).collect();
@@ -289,17 +312,32 @@ impl Dataplane for Api {
                     .collect(),
                 reasons,
                 free_ips: s.ipam.free_count(),
-                frontends: s.services.frontend_count() as u32,
+                frontends,
             }))
         })
         .await
     }
 
+    async fn ready(&self, _req: Request<StatusRequest>) -> Result<Response<ReadyReply>, Status> {
+        // Serving at all means the datapath is loaded and IPAM open (run() starts the server
+        // only then).
+        Ok(Response::new(ReadyReply {
+            ready: true,
+            node_name: self.state.node_name.clone(),
+        }))
+    }
+
     async fn apply(&self, req: Request<ObjectsRequest>) -> Result<Response<ObjectsReply>, Status> {
-        let req = req.into_inner();
-        self.locked(move |s, dp| {
-            let (keys, st) = s.services.apply(&req.text, &req.source, &dp.maps).map_err(apply_status)?;
-            tracing::info!(objects = keys.len(), writes = st.map_writes(), flows_purged = st.flows_purged, source = %req.source, "apply");
+        let mut req = req.into_inner();
+        // Parsing (the slow part of a big apply) happens before taking the lock.
+        let t = std::time::Instant::now();
+        let objs = parse(std::mem::take(&mut req.text), req.source.clone()).await?;
+        let parsed = t.elapsed();
+        self.services(move |svc, dp| {
+            let t = std::time::Instant::now();
+            let (keys, st) = svc.apply(objs, &dp.maps).map_err(apply_status)?;
+            tracing::info!(objects = keys.len(), writes = st.map_writes(), flows_purged = st.flows_purged, source = %req.source,
+                parse_ms = parsed.as_millis() as u64, apply_ms = t.elapsed().as_millis() as u64, "apply");
             Ok(Response::new(ObjectsReply {
                 objects: keys.iter().map(|k| k.to_string()).collect(),
                 not_found: vec![],
@@ -311,10 +349,16 @@ impl Dataplane for Api {
     }
 
     async fn delete(&self, req: Request<ObjectsRequest>) -> Result<Response<ObjectsReply>, Status> {
-        let req = req.into_inner();
-        self.locked(move |s, dp| {
-            let (removed, missing) = s.services.delete(&req.text, &req.source, &dp.maps).map_err(apply_status)?;
-            let st = s.services.last_sync;
+        let mut req = req.into_inner();
+        let keys: Vec<objects::ObjectKey> =
+            parse(std::mem::take(&mut req.text), req.source.clone())
+                .await?
+                .iter()
+                .map(objects::Object::key)
+                .collect();
+        self.services(move |svc, dp| {
+            let (removed, missing) = svc.delete(&keys, &dp.maps).map_err(apply_status)?;
+            let st = svc.last_sync;
             tracing::info!(objects = removed.len(), not_found = missing.len(), source = %req.source, "delete");
             Ok(Response::new(ObjectsReply {
                 objects: removed.iter().map(|k| k.to_string()).collect(),
@@ -330,9 +374,8 @@ impl Dataplane for Api {
         &self,
         _req: Request<ListRequest>,
     ) -> Result<Response<ServiceList>, Status> {
-        self.locked(move |s, dp| {
-            let services = s
-                .services
+        self.services(move |svc, dp| {
+            let services = svc
                 .view(&dp.maps)
                 .into_iter()
                 .map(|v| ServiceView {
@@ -376,13 +419,13 @@ impl Dataplane for Api {
             })
             .await?;
         let names = self
-            .locked(move |s, _dp| {
+            .services(move |svc, _dp| {
                 let mut ids: Vec<u32> = flows.iter().map(|f| f.svc_id).collect();
                 ids.sort_unstable();
                 ids.dedup();
                 Ok((
                     ids.into_iter()
-                        .map(|i| (i, s.services.set_name(i).unwrap_or_default()))
+                        .map(|i| (i, svc.set_name(i).unwrap_or_default()))
                         .collect::<std::collections::HashMap<_, _>>(),
                     flows,
                 ))

@@ -23,12 +23,13 @@ pub struct State {
     pub datapath: Arc<Datapath>,
     pub ct_timeouts: Timeouts,
     inner: Mutex<Inner>,
+    /// Services have their own lock: a large apply never holds up a pod's ADD or DEL.
+    services: Mutex<Services>,
 }
 
-/// What the lock guards: allocation records and the service state.
+/// What the IPAM lock guards: the allocation records (the datapath attachments follow them).
 pub struct Inner {
     pub ipam: Ipam,
-    pub services: Services,
 }
 
 pub fn now_unix() -> u64 {
@@ -57,19 +58,27 @@ impl State {
             &config.state_dir,
             config.manifests.as_deref(),
             &datapath.maps,
-            config.map_sizes.frontends,
+            crate::services::Limits {
+                frontends: config.map_sizes.frontends,
+                backends: config.map_sizes.backends,
+            },
         )
         .context("loading services")?;
         Ok(State {
             node_name: config.node_name.clone(),
             datapath: Arc::new(datapath),
             ct_timeouts: config.ct_timeouts,
-            inner: Mutex::new(Inner { ipam, services }),
+            inner: Mutex::new(Inner { ipam }),
+            services: Mutex::new(services),
         })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn services(&self) -> MutexGuard<'_, Services> {
+        self.services.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn attach_mode(&self) -> AttachMode {
@@ -106,7 +115,14 @@ impl State {
                     adopted += 1;
                 }
                 Some(_) => {} // ADD still in flight, or failed without rollback: its DEL will come.
-                None => release_leaked(ipam, datapath, &a),
+                // Gone: a DEL that could not reach us. Unless its ADD may still be in flight (not
+                // attached yet and recent): then the periodic check decides later.
+                None if a.attached
+                    || now_unix().saturating_sub(a.created) > PENDING_GRACE.as_secs() =>
+                {
+                    release_leaked(ipam, datapath, &a)
+                }
+                None => {}
             }
         }
         let known: HashSet<String> = ipam.all().map(|a| a.host_ifname.clone()).collect();

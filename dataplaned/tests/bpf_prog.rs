@@ -46,7 +46,8 @@ const BE_B: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 3, 8), 8080);
 const BE_DNS: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 2, 9), 5353);
 const SVC: u32 = 1;
 const DNS_SVC: u32 = 2;
-const AFF_TIMEOUT: u32 = 10800;
+// Short enough that "older than the timeout" fits in a freshly booted CI machine's uptime.
+const AFF_TIMEOUT: u32 = 100;
 const AFF: u32 = types::frontend_flags::FE_F_AFFINITY.0;
 
 const C: (Ipv4Addr, u16) = (CLIENT, CPORT);
@@ -284,7 +285,9 @@ fn apply(dp: &Dp, setups: &[Setup], w: &mut Written) {
             } => {
                 let ns = match age {
                     Age::Fresh => mono_ns(),
-                    Age::Secs(s) => mono_ns() - s * 1_000_000_000,
+                    Age::Secs(s) => mono_ns()
+                        .checked_sub(s * 1_000_000_000)
+                        .expect("machine up for less than the entry's age"),
                 };
                 dp.affinity(client, svc, backend, ns);
                 w.aff.insert((client, svc), ns);

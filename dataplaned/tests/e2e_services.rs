@@ -288,6 +288,13 @@ for line in sys.stdin:
         to_removed, 0,
         "flows to a removed backend were purged: {flows}"
     );
+    // And the connection to it stops: its next segment is a new flow to the other backend,
+    // which resets it.
+    let after = ask();
+    assert_ne!(
+        after, kept_pod.ip,
+        "the connection to a removed backend must stop"
+    );
     drop(stdin);
     let _ = long.kill();
     let _ = long.wait();
@@ -614,4 +621,59 @@ fn manifests_directory_is_loaded_at_start_and_on_change() {
         .map(|f| (f.as_str().unwrap().to_string(), true))
         .collect();
     assert_eq!(fes.keys().collect::<Vec<_>>(), ["10.96.0.81:80"]);
+}
+
+#[test]
+fn an_apply_beyond_the_map_sizes_is_refused_whole_and_the_daemon_keeps_serving() {
+    let mut node = SluiceNode::with_args(&["--frontends-size", "4"]).unwrap();
+    let many: String = (0..5)
+        .map(|i| {
+            service(
+                &format!("s{i}"),
+                &format!("10.96.1.{}", i + 1),
+                80,
+                8080,
+                "TCP",
+                &[],
+                "",
+            )
+        })
+        .collect();
+    let err = node.apply(&many).unwrap_err().to_string();
+    assert!(
+        err.contains("would exceed") && err.contains("--frontends-size"),
+        "{err}"
+    );
+    assert!(
+        node.get_json("services").unwrap()["services"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing applied"
+    );
+    let few: String = (0..2)
+        .map(|i| {
+            service(
+                &format!("s{i}"),
+                &format!("10.96.1.{}", i + 1),
+                80,
+                8080,
+                "TCP",
+                &[],
+                "",
+            )
+        })
+        .collect();
+    node.apply(&few).unwrap();
+    // The refused objects were not stored: a restart comes back with the two, and serves pods.
+    node.stop_daemon().unwrap();
+    node.start_daemon().unwrap();
+    assert_eq!(
+        node.get_json("services").unwrap()["services"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    node.add_pod().unwrap();
 }

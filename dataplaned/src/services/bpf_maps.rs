@@ -24,15 +24,6 @@ pub fn fe_key(k: &FrontendKey) -> types::frontend_key {
     }
 }
 
-fn marker_key(vip: Ipv4Addr) -> types::frontend_key {
-    types::frontend_key {
-        vip: u32::from(vip).to_be(),
-        port: 0,
-        proto: 0,
-        pad: 0,
-    }
-}
-
 pub fn backend_of(addr_be: u32, port_be: u16) -> Backend {
     Backend {
         ip: Ipv4Addr::from(u32::from_be(addr_be)),
@@ -89,15 +80,10 @@ impl ServiceMaps for BpfServiceMaps<'_> {
     }
 
     fn markers(&self) -> Result<Vec<Ipv4Addr>> {
-        Ok(
-            dump::<types::frontend_key, types::frontend_value>(&self.maps.frontends)?
-                .into_iter()
-                .filter(|(k, v)| {
-                    k.proto == 0 && v.flags.0 & types::frontend_flags::FE_F_VIP_MARKER.0 != 0
-                })
-                .map(|(k, _)| Ipv4Addr::from(u32::from_be(k.vip)))
-                .collect(),
-        )
+        Ok(dump::<u32, u32>(&self.maps.vips)?
+            .into_iter()
+            .map(|(k, _)| Ipv4Addr::from(u32::from_be(k)))
+            .collect())
     }
 
     fn slots(&self) -> Result<Vec<(u32, u32, Backend)>> {
@@ -132,20 +118,15 @@ impl ServiceMaps for BpfServiceMaps<'_> {
     }
 
     fn put_marker(&mut self, vip: Ipv4Addr) -> Result<()> {
-        let value = types::frontend_value {
-            svc_id: 0,
-            backend_count: 0,
-            affinity_timeout: 0,
-            flags: types::frontend_flags::FE_F_VIP_MARKER,
-        };
+        let key = u32::from(vip).to_be();
         self.maps
-            .frontends
-            .update(as_bytes(&marker_key(vip)), as_bytes(&value), MapFlags::ANY)
-            .context("writing a VIP marker")
+            .vips
+            .update(as_bytes(&key), as_bytes(&1u32), MapFlags::ANY)
+            .context("writing a VIP")
     }
 
     fn delete_marker(&mut self, vip: Ipv4Addr) -> Result<()> {
-        let _ = self.maps.frontends.delete(as_bytes(&marker_key(vip)));
+        let _ = self.maps.vips.delete(as_bytes(&u32::from(vip).to_be()));
         Ok(())
     }
 
@@ -188,6 +169,15 @@ impl ServiceMaps for BpfServiceMaps<'_> {
                 .map(|(k, _)| k)
                 .collect();
         delete_keys(&self.maps.affinity, &doomed)
+    }
+
+    fn reset_counters(&mut self, svc_id: u32) -> Result<()> {
+        let zero =
+            vec![as_bytes(&types::counter::default()).to_vec(); libbpf_rs::num_possible_cpus()?];
+        self.maps
+            .services
+            .update_percpu(as_bytes(&svc_id), &zero, MapFlags::ANY)
+            .context("zeroing service counters")
     }
 }
 

@@ -44,7 +44,6 @@ pub fn monotonic_ns() -> u64 {
 }
 
 const FIN: u32 = types::tcp_flag_bits::TCPF_FIN.0;
-const SYN: u32 = types::tcp_flag_bits::TCPF_SYN.0;
 const RST: u32 = types::tcp_flag_bits::TCPF_RST.0;
 const ACK: u32 = types::tcp_flag_bits::TCPF_ACK.0;
 
@@ -60,7 +59,9 @@ pub fn state(proto: u8, fwd: u32, rev: u32, t: &Timeouts) -> (&'static str, Dura
         ("closed", t.fin)
     } else if both & FIN != 0 {
         ("fin_wait", t.fin)
-    } else if rev & SYN != 0 && rev & ACK != 0 && fwd & ACK != 0 {
+    } else if rev & ACK != 0 && fwd & ACK != 0 {
+        // Both directions acknowledged: the handshake completed (or the flow was picked up
+        // mid-stream, e.g. after its entries were purged).
         ("established", t.established)
     } else {
         ("syn_sent", t.syn)
@@ -181,7 +182,8 @@ pub fn gc(maps: &Maps, t: &Timeouts) -> Result<GcStats> {
     let by_key: HashMap<_, &types::ct_value> =
         entries.iter().map(|(k, v)| (key_tuple(k), v)).collect();
     let now = monotonic_ns();
-    let mut doomed: Vec<types::ct_key> = Vec::new();
+    // Each doomed flow: its entries with the last_seen they had when judged.
+    let mut doomed: Vec<Vec<(types::ct_key, u64)>> = Vec::new();
     let mut fwd_of_rev = std::collections::HashSet::new();
     for (k, v) in entries
         .iter()
@@ -200,10 +202,11 @@ pub fn gc(maps: &Maps, t: &Timeouts) -> Result<GcStats> {
             fwd_of_rev.insert(key_tuple(&rk));
         }
         if now.saturating_sub(last) > timeout.as_nanos() as u64 {
-            doomed.push(*k);
-            if rev.is_some() {
-                doomed.push(rk);
+            let mut flow = vec![(*k, v.last_seen_ns)];
+            if let Some(r) = rev {
+                flow.push((rk, r.last_seen_ns));
             }
+            doomed.push(flow);
         }
     }
     for (k, v) in entries.iter().filter(|(k, v)| {
@@ -211,13 +214,28 @@ pub fn gc(maps: &Maps, t: &Timeouts) -> Result<GcStats> {
     }) {
         let (_, timeout) = state(k.proto, 0, v.tcp_flags_seen.0, t);
         if now.saturating_sub(v.last_seen_ns) > timeout.as_nanos() as u64 {
-            doomed.push(*k);
+            doomed.push(vec![(*k, v.last_seen_ns)]);
         }
     }
+    // The dump took time: a flow that saw a packet since is alive again; leave it.
     let mut expired = 0;
-    for k in &doomed {
-        if maps.conntrack.delete(as_bytes(k)).is_ok() {
-            expired += 1;
+    for flow in &doomed {
+        let touched = flow.iter().any(|(k, seen)| {
+            maps.conntrack
+                .lookup(as_bytes(k), libbpf_rs::MapFlags::ANY)
+                .ok()
+                .flatten()
+                .is_some_and(|v| {
+                    crate::pod::from_bytes::<types::ct_value>(&v).last_seen_ns != *seen
+                })
+        });
+        if touched {
+            continue;
+        }
+        for (k, _) in flow {
+            if maps.conntrack.delete(as_bytes(k)).is_ok() {
+                expired += 1;
+            }
         }
     }
     Ok(GcStats {
@@ -230,6 +248,8 @@ pub fn gc(maps: &Maps, t: &Timeouts) -> Result<GcStats> {
 mod tests {
     use super::*;
 
+    const SYN: u32 = types::tcp_flag_bits::TCPF_SYN.0;
+
     #[test]
     fn states_from_both_legs() {
         let t = Timeouts::default();
@@ -241,6 +261,11 @@ mod tests {
         assert_eq!(state(6, SYN | ACK | FIN, SYN | ACK, &t).0, "fin_wait");
         assert_eq!(state(6, SYN | ACK | FIN, SYN | ACK | FIN, &t).0, "closed");
         assert_eq!(state(6, SYN | ACK, RST, &t), ("rst", t.rst));
+        assert_eq!(
+            state(6, ACK, ACK, &t).0,
+            "established",
+            "picked up mid-stream"
+        );
         assert_eq!(state(17, 0, 0, &t), ("udp", t.udp));
     }
 }

@@ -28,14 +28,25 @@ use writer::{SyncStats, Writer};
 pub enum ApplyError {
     #[error(transparent)]
     Invalid(#[from] ObjectError),
+    /// The change would not fit the maps; nothing was applied.
+    #[error("{0}")]
+    Capacity(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
+}
+
+/// What the maps can hold (their max_entries).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub frontends: u32,
+    pub backends: u32,
 }
 
 pub struct Services {
     store: ObjectStore,
     writer: Writer,
     desired: Desired,
+    limits: Limits,
     pub last_sync: SyncStats,
 }
 
@@ -65,89 +76,147 @@ pub struct ServiceView {
     pub bytes: u64,
 }
 
+fn desired_of<'a>(objs: impl IntoIterator<Item = &'a Object>) -> Desired {
+    let objs: Vec<&Object> = objs.into_iter().collect();
+    let services = objs.iter().filter_map(|o| {
+        if let Object::Service(s) = o {
+            Some(s)
+        } else {
+            None
+        }
+    });
+    let slices = objs.iter().filter_map(|o| {
+        if let Object::EndpointSlice(s) = o {
+            Some(s)
+        } else {
+            None
+        }
+    });
+    model::desired(services, slices)
+}
+
 impl Services {
     /// Loads stored objects and manifests and brings the maps in line (writing only differences
-    /// from what a previous daemon left there).
+    /// from what a previous daemon left there). A sync failure is logged, not fatal: pods must
+    /// keep getting IPs even when a stored object cannot be served.
     pub fn open(
         state_dir: &Path,
         manifests: Option<&Path>,
         maps: &Maps,
-        max_ids: u32,
+        limits: Limits,
     ) -> Result<Services> {
         let store = ObjectStore::open(&state_dir.join("objects"), manifests)?;
-        let writer = Writer::load(&BpfServiceMaps { maps }, max_ids)?;
+        let writer = Writer::load(&BpfServiceMaps { maps }, limits.frontends)?;
         let mut s = Services {
             store,
             writer,
             desired: Desired::default(),
+            limits,
             last_sync: SyncStats::default(),
         };
-        let st = s.resync(maps)?;
-        tracing::info!(
-            frontends = s.desired.frontends.len(),
-            writes = st.map_writes(),
-            flows_purged = st.flows_purged,
-            "services in sync"
-        );
+        match s.resync(maps) {
+            Ok(st) => tracing::info!(
+                frontends = s.desired.frontends.len(),
+                writes = st.map_writes(),
+                flows_purged = st.flows_purged,
+                "services in sync"
+            ),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "services could not be brought in sync; serving pods anyway")
+            }
+        }
         Ok(s)
     }
 
-    fn resync(&mut self, maps: &Maps) -> Result<SyncStats> {
-        let objs = self.store.effective();
-        let services = objs.values().filter_map(|o| {
-            if let Object::Service(s) = o {
-                Some(s)
-            } else {
-                None
-            }
-        });
-        let slices = objs.values().filter_map(|o| {
-            if let Object::EndpointSlice(s) = o {
-                Some(s)
-            } else {
-                None
-            }
-        });
-        let desired = model::desired(services, slices);
+    fn check_limits(&self, d: &Desired) -> Result<(), ApplyError> {
+        let slots: usize = d.sets.values().map(|s| s.ready.len()).sum();
+        let l = self.limits;
+        let over = |what: &str, n: usize, max: u32, flag: &str| {
+            (n > max as usize).then(|| {
+                ApplyError::Capacity(format!(
+                    "{n} {what} would exceed the map's {max} (raise {flag})"
+                ))
+            })
+        };
+        if let Some(e) = over(
+            "service ports",
+            d.sets.len(),
+            l.frontends,
+            "--frontends-size",
+        )
+        .or_else(|| {
+            over(
+                "frontends",
+                d.frontends.len(),
+                l.frontends,
+                "--frontends-size",
+            )
+        })
+        .or_else(|| over("backend slots", slots, l.backends, "--backends-size"))
+        {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn sync_to(&mut self, desired: Desired, maps: &Maps) -> Result<SyncStats> {
         let st = self.writer.sync(&desired, &mut BpfServiceMaps { maps })?;
         self.desired = desired;
         self.last_sync = st;
         Ok(st)
     }
 
-    /// Validates every document first: on any error nothing is applied.
-    pub fn apply(
-        &mut self,
-        text: &str,
-        source: &str,
-        maps: &Maps,
-    ) -> Result<(Vec<ObjectKey>, SyncStats), ApplyError> {
-        let objs = objects::parse(text, source)?;
-        let keys = self.store.apply(objs)?;
-        let st = self.resync(maps)?;
-        Ok((keys, st))
+    fn resync(&mut self, maps: &Maps) -> Result<SyncStats> {
+        let desired = desired_of(self.store.effective().into_values());
+        self.sync_to(desired, maps)
     }
 
-    /// Deletes the applied objects `text` names; returns (deleted, not found).
+    /// Applies parsed objects: checked against the map sizes first, stored durably, then synced;
+    /// if the sync fails the store is put back as it was. Nothing is half-applied.
+    pub fn apply(
+        &mut self,
+        objs: Vec<Object>,
+        maps: &Maps,
+    ) -> Result<(Vec<ObjectKey>, SyncStats), ApplyError> {
+        let desired = desired_of(self.store.effective_with(&objs, &[]).values());
+        self.check_limits(&desired)?;
+        let keys: Vec<ObjectKey> = objs.iter().map(Object::key).collect();
+        let prev = self.store.apply(objs)?;
+        match self.sync_to(desired, maps) {
+            Ok(st) => Ok((keys, st)),
+            Err(e) => {
+                self.store.restore(prev)?;
+                let _ = self.resync(maps);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Deletes the applied objects `keys` names; returns (deleted, not found).
     pub fn delete(
         &mut self,
-        text: &str,
-        source: &str,
+        keys: &[ObjectKey],
         maps: &Maps,
     ) -> Result<(Vec<ObjectKey>, Vec<ObjectKey>), ApplyError> {
-        let keys: Vec<ObjectKey> = objects::parse(text, source)?
-            .iter()
-            .map(Object::key)
-            .collect();
-        let (removed, missing) = self.store.delete(&keys)?;
-        self.resync(maps)?;
-        Ok((removed, missing))
+        let desired = desired_of(self.store.effective_with(&[], keys).values());
+        let (removed, missing) = self.store.delete(keys)?;
+        let removed_keys: Vec<ObjectKey> = removed.iter().map(|(k, _)| k.clone()).collect();
+        if let Err(e) = self.sync_to(desired, maps) {
+            self.store.restore(removed)?;
+            let _ = self.resync(maps);
+            return Err(e.into());
+        }
+        Ok((removed_keys, missing))
     }
 
     /// Polled: re-reads the manifests directory and resyncs if anything changed.
     pub fn reload_manifests(&mut self, maps: &Maps) -> Result<()> {
         if self.store.reload_manifests() {
-            let st = self.resync(maps)?;
+            let desired = desired_of(self.store.effective().into_values());
+            if let Err(e) = self.check_limits(&desired) {
+                anyhow::bail!("manifests not applied: {e}");
+            }
+            let st = self.sync_to(desired, maps)?;
             tracing::info!(
                 writes = st.map_writes(),
                 flows_purged = st.flows_purged,
@@ -166,27 +235,25 @@ impl Services {
     }
 
     pub fn set_name(&self, svc_id: u32) -> Option<String> {
-        self.desired
-            .sets
-            .keys()
-            .find(|s| self.writer.set_id(s) == Some(svc_id))
-            .map(|s| s.to_string())
+        self.writer.set_of(svc_id).map(|s| s.to_string())
     }
 
     /// Services as the maps serve them, with per-service counters.
     pub fn view(&self, maps: &Maps) -> Vec<ServiceView> {
+        let mut by_set: std::collections::HashMap<
+            &model::SetKey,
+            Vec<(&model::FrontendKey, &model::FrontendSpec)>,
+        > = std::collections::HashMap::new();
+        for (k, f) in &self.desired.frontends {
+            by_set.entry(&f.set).or_default().push((k, f));
+        }
         self.desired
             .sets
             .iter()
             .map(|(set, bs)| {
                 let id = self.writer.set_id(set);
                 let slots = id.map(|i| self.writer.slots_of(i)).unwrap_or(&[]);
-                let fes: Vec<_> = self
-                    .desired
-                    .frontends
-                    .iter()
-                    .filter(|(_, f)| &f.set == set)
-                    .collect();
+                let fes = by_set.get(set).cloned().unwrap_or_default();
                 let c = id
                     .map(|i| Datapath::counter(&maps.services, i))
                     .unwrap_or_default();

@@ -189,6 +189,16 @@ fn parse_one(v: Value) -> Result<Object, ItemError> {
     if name.is_empty() {
         return Err((who, "metadata.name".into(), "required".into()));
     }
+    if !dns_subdomain(&name) {
+        return Err((who, "metadata.name".into(), format!("{name:?} is not a DNS subdomain (lowercase letters, digits, '-', '.'; at most 253)")));
+    }
+    if kind != Kind::Node && v.pointer("/metadata/namespace").is_some() && !dns_label(&ns) {
+        return Err((
+            who,
+            "metadata.namespace".into(),
+            format!("{ns:?} is not a DNS label (lowercase letters, digits, '-'; at most 63)"),
+        ));
+    }
     fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, (String, String)> {
         serde_path_to_error::deserialize(v)
             .map_err(|e| (e.path().to_string(), e.inner().to_string()))
@@ -202,6 +212,21 @@ fn parse_one(v: Value) -> Result<Object, ItemError> {
     };
     validate(&obj).map_err(|(f, m)| (who, f, m))?;
     Ok(obj)
+}
+
+/// RFC 1123 label, as Kubernetes namespaces and Service names are.
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: dot-separated labels, at most 253 characters (object names).
+fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns_label)
 }
 
 /// `f` is a field path, `m` the problem.
@@ -482,6 +507,13 @@ metadata: {name: node-a}
             e.field,
             "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
         );
+
+        let e = error_of("apiVersion: v1\nkind: Service\nmetadata: {name: a_b}\nspec: {}\n");
+        assert_eq!(e.field, "metadata.name");
+        let e = error_of(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ../x}\nspec: {}\n",
+        );
+        assert_eq!(e.field, "metadata.namespace");
 
         let e = error_of("kind: Service\nmetadata: {name: a}\n");
         assert_eq!(e.field, "apiVersion");

@@ -23,6 +23,9 @@ pub struct ObjectStore {
     manifests_dir: Option<PathBuf>,
     /// Per manifest file: its fingerprint when read, and its objects.
     manifest_files: BTreeMap<PathBuf, (Fingerprint, Vec<Object>)>,
+    /// Changed files seen at the last poll: read once they stop changing (a file being written
+    /// in place must not be read half-way and drop the Services it held).
+    unsettled: BTreeMap<PathBuf, Fingerprint>,
 }
 
 type Fingerprint = (SystemTime, u64);
@@ -67,45 +70,111 @@ impl ObjectStore {
             applied,
             manifests_dir: manifests_dir.map(Path::to_owned),
             manifest_files: BTreeMap::new(),
+            unsettled: BTreeMap::new(),
         };
-        store.reload_manifests();
+        store.scan_manifests(false);
         Ok(store)
     }
 
-    /// Stores `objs` (all already validated).
-    pub fn apply(&mut self, objs: Vec<Object>) -> Result<Vec<ObjectKey>> {
-        let mut keys = Vec::new();
-        for o in objs {
+    /// Stores `objs` (all already validated) durably; returns what each key held before, for
+    /// [`ObjectStore::restore`]. Files are written first, made durable with one syncfs, then
+    /// renamed into place: a crash leaves either the old or the new version of each.
+    pub fn apply(&mut self, objs: Vec<Object>) -> Result<Vec<(ObjectKey, Option<Object>)>> {
+        let mut staged = Vec::with_capacity(objs.len());
+        for o in &objs {
             let k = o.key();
+            if self.applied.get(&k) == Some(o) {
+                continue; // unchanged: re-applying a big file rewrites nothing
+            }
             let path = self.dir.join(file_name(&k));
             let tmp = path.with_extension("tmp");
-            let mut f = fs::File::create(&tmp)?;
+            let mut f =
+                fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
             f.write_all(o.to_json().to_string().as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            self.applied.insert(k.clone(), o);
-            keys.push(k);
+            staged.push((tmp, path));
         }
-        fs::File::open(&self.dir)?.sync_all()?;
-        Ok(keys)
+        let dir = fs::File::open(&self.dir)?;
+        nix::unistd::syncfs(&dir).context("syncfs on the object store")?;
+        for (tmp, path) in &staged {
+            fs::rename(tmp, path)?;
+        }
+        dir.sync_all()?;
+        Ok(objs
+            .into_iter()
+            .map(|o| {
+                let k = o.key();
+                let prev = self.applied.insert(k.clone(), o);
+                (k, prev)
+            })
+            .collect())
     }
 
-    /// Removes applied objects; returns (removed, not found).
-    pub fn delete(&mut self, keys: &[ObjectKey]) -> Result<(Vec<ObjectKey>, Vec<ObjectKey>)> {
+    /// Removes applied objects; returns what each removed key held, and the keys not found.
+    pub fn delete(
+        &mut self,
+        keys: &[ObjectKey],
+    ) -> Result<(Vec<(ObjectKey, Option<Object>)>, Vec<ObjectKey>)> {
         let (mut removed, mut missing) = (Vec::new(), Vec::new());
         for k in keys {
-            if self.applied.remove(k).is_some() {
-                let _ = fs::remove_file(self.dir.join(file_name(k)));
-                removed.push(k.clone());
-            } else {
-                missing.push(k.clone());
+            match self.applied.remove(k) {
+                Some(o) => {
+                    let _ = fs::remove_file(self.dir.join(file_name(k)));
+                    removed.push((k.clone(), Some(o)));
+                }
+                None => missing.push(k.clone()),
             }
         }
+        fs::File::open(&self.dir)?.sync_all()?;
         Ok((removed, missing))
     }
 
-    /// Re-reads changed manifest files; true if the object set changed.
+    /// Puts back what `apply` or `delete` changed (`prev` as they returned it).
+    pub fn restore(&mut self, prev: Vec<(ObjectKey, Option<Object>)>) -> Result<()> {
+        let mut again = Vec::new();
+        for (k, old) in prev {
+            match old {
+                Some(o) => again.push(o),
+                None => {
+                    self.applied.remove(&k);
+                    let _ = fs::remove_file(self.dir.join(file_name(&k)));
+                }
+            }
+        }
+        self.apply(again)?;
+        Ok(())
+    }
+
+    /// The objects that would be in effect with `add` applied and `remove` deleted.
+    pub fn effective_with(
+        &self,
+        add: &[Object],
+        remove: &[ObjectKey],
+    ) -> BTreeMap<ObjectKey, Object> {
+        let mut applied: BTreeMap<ObjectKey, &Object> =
+            self.applied.iter().map(|(k, o)| (k.clone(), o)).collect();
+        for k in remove {
+            applied.remove(k);
+        }
+        for o in add {
+            applied.insert(o.key(), o);
+        }
+        let mut out: BTreeMap<ObjectKey, Object> =
+            applied.into_iter().map(|(k, o)| (k, o.clone())).collect();
+        for (_, objs) in self.manifest_files.values() {
+            for o in objs {
+                out.insert(o.key(), o.clone());
+            }
+        }
+        out
+    }
+
+    /// Re-reads manifest files that changed and then stayed unchanged for one poll; true if the
+    /// object set changed. Writing a file by rename is atomic and is picked up at the next poll.
     pub fn reload_manifests(&mut self) -> bool {
+        self.scan_manifests(true)
+    }
+
+    fn scan_manifests(&mut self, settle: bool) -> bool {
         let Some(dir) = self.manifests_dir.clone() else {
             return false;
         };
@@ -135,8 +204,13 @@ impl ObjectStore {
                 .get(&path)
                 .is_some_and(|(old, _)| *old == fp)
             {
+                self.unsettled.remove(&path);
                 continue;
             }
+            if settle && self.unsettled.insert(path.clone(), fp) != Some(fp) {
+                continue; // changed since the last poll: wait until it holds still
+            }
+            self.unsettled.remove(&path);
             let text = match fs::read_to_string(&path) {
                 Ok(t) => t,
                 Err(e) => {
@@ -164,6 +238,7 @@ impl ObjectStore {
         }
         let before = self.manifest_files.len();
         self.manifest_files.retain(|p, _| seen.contains(p));
+        self.unsettled.retain(|p, _| seen.contains(p));
         changed | (before != self.manifest_files.len())
     }
 
@@ -234,6 +309,7 @@ mod tests {
         )
         .unwrap();
         assert!(!s.reload_manifests());
+        assert!(!s.reload_manifests());
         assert_eq!(
             s.count(Kind::Service),
             1,
@@ -244,6 +320,10 @@ mod tests {
             r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"n2"}}"#,
         )
         .unwrap();
+        assert!(
+            !s.reload_manifests(),
+            "a changed file is read once it held still for a poll"
+        );
         assert!(s.reload_manifests());
         assert_eq!(s.count(Kind::Node), 1);
         fs::remove_file(mdir.join("b.json")).unwrap();

@@ -37,6 +37,8 @@ pub trait ServiceMaps {
     fn purge_flows(&mut self, keep: &dyn Fn(u32, Backend) -> bool) -> Result<usize>;
     /// Deletes affinity entries for which `keep(svc_id, backend)` is false; returns how many.
     fn purge_affinity(&mut self, keep: &dyn Fn(u32, Backend) -> bool) -> Result<usize>;
+    /// Zeroes a service id's packet counters (the id is being given to another backend set).
+    fn reset_counters(&mut self, svc_id: u32) -> Result<()>;
 }
 
 /// What one sync wrote.
@@ -68,6 +70,7 @@ pub struct Writer {
     ids: HashMap<SetKey, u32>,
     present: HashMap<u32, BTreeSet<Backend>>,
     ready: HashMap<u32, BTreeSet<Backend>>,
+    names: HashMap<u32, SetKey>,
     max_ids: u32,
     synced_once: bool,
 }
@@ -97,6 +100,7 @@ impl Writer {
             ids: HashMap::new(),
             present: HashMap::new(),
             ready: HashMap::new(),
+            names: HashMap::new(),
             max_ids,
             synced_once: false,
         })
@@ -104,6 +108,11 @@ impl Writer {
 
     pub fn set_id(&self, set: &SetKey) -> Option<u32> {
         self.ids.get(set).copied()
+    }
+
+    /// The backend set a service id serves.
+    pub fn set_of(&self, id: u32) -> Option<&SetKey> {
+        self.names.get(&id)
     }
 
     /// The backends in a set's slots, in slot order.
@@ -144,8 +153,14 @@ impl Writer {
                 );
             }
             used.insert(next);
+            maps.reset_counters(next)?;
             self.ids.insert(set.clone(), next);
         }
+        self.names = self
+            .ids
+            .iter()
+            .map(|(set, id)| (*id, set.clone()))
+            .collect();
 
         // 2. Slots: minimal moves; growth is invisible until the count is raised.
         let mut shrink: Vec<(u32, u32, u32)> = Vec::new();
@@ -286,6 +301,7 @@ pub mod fake {
         /// (svc_id, backend) of live flows.
         pub flows: Vec<(u32, Backend)>,
         pub affinity: Vec<(u32, Backend)>,
+        pub counter_resets: Vec<u32>,
         pub writes: usize,
     }
 
@@ -363,6 +379,10 @@ pub mod fake {
             let before = self.affinity.len();
             self.affinity.retain(|(id, b)| keep(*id, *b));
             Ok(before - self.affinity.len())
+        }
+        fn reset_counters(&mut self, svc_id: u32) -> Result<()> {
+            self.counter_resets.push(svc_id);
+            Ok(())
         }
     }
 }

@@ -878,7 +878,12 @@ impl Dp {
 
     /// The {vip, 0, 0} entry that marks a VIP for fragment handling.
     pub fn vip_marker(&self, vip: Ipv4Addr) {
-        self.frontend(vip, 0, 0, 0, 0, types::frontend_flags::FE_F_VIP_MARKER.0, 0);
+        let key = u32::from(vip).to_be();
+        self.skel
+            .maps
+            .sl_vip_v1
+            .update(as_bytes(&key), as_bytes(&1u32), MapFlags::ANY)
+            .unwrap();
     }
 
     pub fn backend(&self, svc: u32, slot: u32, addr: Ipv4Addr, port: u16) {

@@ -26,6 +26,11 @@ pub fn plugin_dir() -> PathBuf {
 }
 
 pub const SLUICED: &str = env!("CARGO_BIN_EXE_sluiced");
+
+/// The attach mode sluiced picks on this kernel (tcx from 6.6, clsact before).
+pub fn mode() -> &'static str {
+    sluiced::AttachMode::detect().name()
+}
 pub const SLUICECTL: &str = env!("CARGO_BIN_EXE_sluicectl");
 
 pub struct Pod {
@@ -233,6 +238,31 @@ impl SluiceNode {
             .write_all(stdin.to_string().as_bytes())
             .unwrap();
         child.wait_with_output().unwrap()
+    }
+
+    /// Whether both programs are attached to the pod's host-side veth, by what the kernel shows:
+    /// pinned tcx links, or clsact filters.
+    pub fn programs_attached(&self, pod: &Pod) -> bool {
+        let host_if = pod.result["interfaces"][0]["name"].as_str().unwrap();
+        match mode() {
+            "tcx" => ["ingress", "egress"]
+                .iter()
+                .all(|d| self.bpffs.join(format!("links/{host_if}-{d}")).exists()),
+            _ => ["ingress", "egress"].iter().all(|d| {
+                let out = self
+                    .ns
+                    .command("tc")
+                    .args(["filter", "show", "dev", host_if, d])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                text.contains(if *d == "ingress" {
+                    "from_pod"
+                } else {
+                    "to_pod"
+                })
+            }),
+        }
     }
 
     pub fn sluicectl(&self, args: &[&str]) -> Result<Output> {
