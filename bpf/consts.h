@@ -57,6 +57,8 @@ enum reason {
 	REASON_HAIRPIN           = 6,  /* client was its own backend: SNAT to hairpin_addr, redirect */
 	REASON_NO_BACKEND        = 7,  /* service without endpoints: ICMP port unreachable sent back */
 	REASON_AFFINITY_HIT      = 8,  /* new flow sent to the client's remembered backend */
+	REASON_REV_NAT_ICMP      = 9,  /* ICMP error about a service flow: quoted packet and source
+					* restored to the frontend */
 	REASON_FIRST_DROP        = 16,
 	REASON_DROP_MALFORMED    = 16, /* bad IP version/IHL/total length */
 	REASON_DROP_TRUNCATED    = 17, /* headers end before they should */

@@ -9,6 +9,7 @@
 #include "lib/parse.h"
 #include "lib/conntrack.h"
 #include "lib/lb.h"
+#include "lib/icmp.h"
 
 /* Fragments carry no ports: they pass, unless they are for a VIP (cannot be NATed, so dropped). */
 static __always_inline int fragment_reason(const struct packet *pkt)
@@ -63,6 +64,9 @@ int to_pod(struct __sk_buff *skb)
 	/* Fragments carry no ports; towards a pod they are never for a VIP. */
 	if (pkt.is_frag)
 		return finish(skb, &pkt, REASON_PASS_FRAGMENT);
+	/* An ICMP error about a service flow: make its quote match the client's socket. */
+	if (pkt.proto == IPPROTO_ICMP)
+		return finish(skb, &pkt, icmp_error_rev_nat(skb, &pkt));
 	if (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
 		return finish(skb, &pkt, REASON_PASS);
 	/* A service reply: restore the frontend as its source. */

@@ -532,6 +532,7 @@ pub fn reason_name(r: u32) -> Option<&'static str> {
         R::REASON_HAIRPIN => "hairpin",
         R::REASON_NO_BACKEND => "no_backend_rejected",
         R::REASON_AFFINITY_HIT => "affinity_hit",
+        R::REASON_REV_NAT_ICMP => "rev_nat_icmp",
         R::REASON_DROP_MALFORMED => "drop_malformed",
         R::REASON_DROP_TRUNCATED => "drop_truncated",
         R::REASON_DROP_FRAG_TO_VIP => "drop_fragment_to_vip",

@@ -161,6 +161,12 @@ impl Step {
         self.reason = reason;
         self
     }
+    /// Rewritten into exactly these bytes and passed on.
+    fn nat_bytes(mut self, out: Vec<u8>, reason: R) -> Step {
+        self.out = Out::Bytes(out);
+        self.reason = reason;
+        self
+    }
     /// Rewritten and bounced back out of the veth towards the pod.
     fn redirect(mut self, out: Vec<u8>, reason: R) -> Step {
         self.out = Out::Bytes(out);
@@ -863,6 +869,24 @@ fn payload_with_zero_sum_after(make: impl Fn(&[u8]) -> (Pkt, Pkt)) -> Vec<u8> {
     panic!("no payload found");
 }
 
+/// An ICMP time-exceeded from `router` about `about` (quoting its IP header and 8 bytes), on its
+/// way to the pod that sent `about`.
+fn icmp_from(router: Ipv4Addr, about: &Pkt) -> Vec<u8> {
+    let mut b = about.port_unreachable();
+    // Same layout as port_unreachable: Ethernet 14, IP 20 (source at 26), ICMP type at 34.
+    b[26..30].copy_from_slice(&router.octets());
+    b[34] = 11; // time exceeded
+    b[35] = 0;
+    let ip = etherparse::Ipv4HeaderSlice::from_slice(&b[14..34])
+        .unwrap()
+        .to_header();
+    b[24..26].copy_from_slice(&ip.calc_header_checksum().to_be_bytes());
+    b[36..38].copy_from_slice(&[0, 0]);
+    let sum = !ones_complement_sum(&b[34..]);
+    b[36..38].copy_from_slice(&sum.to_be_bytes());
+    b
+}
+
 fn udp_cases() -> Vec<Case> {
     let q = Pkt::udp(
         C,
@@ -895,6 +919,63 @@ fn udp_cases() -> Vec<Case> {
     let tiny = Pkt::udp(C, DNS_FE, b"hi").padded_to(60);
 
     vec![
+        case(
+            "udp_backend_port_unreachable_is_reverse_nated_for_the_client",
+            dns(),
+            vec![
+                from_pod("query", &q)
+                    .nat(&q_out, R::REASON_NAT_NEW)
+                    .svc(DNS_SVC),
+                // The backend's kernel answers the DNATed query (nothing listens there); the
+                // client must see the error from the frontend, about its own query.
+                to_pod_raw(
+                    "ICMP port unreachable from the backend",
+                    q_out.port_unreachable(),
+                )
+                .nat_bytes(q.port_unreachable(), R::REASON_REV_NAT_ICMP),
+                to_pod_raw(
+                    "the same error about a flow that is not NATed: untouched",
+                    Pkt::udp(C, (OTHER, 53), b"x").port_unreachable(),
+                )
+                .pass(R::REASON_PASS),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(fwd, BE_DNS, DNS_SVC, 0),
+                    Ct::rev(rev, DNS_FE, DNS_SVC, 0),
+                ],
+                svc: vec![(DNS_SVC, count(1, len(&q)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "tcp_port_unreachable_from_a_router_keeps_its_source",
+            web(1),
+            vec![
+                from_pod("SYN", &Pkt::tcp(C, FE, SYN))
+                    .nat(
+                        &Pkt::tcp(C, FE, SYN).with_dst(BE_A.0, BE_A.1),
+                        R::REASON_NAT_NEW,
+                    )
+                    .svc(SVC),
+                to_pod_raw(
+                    "time exceeded from 10.0.9.9 about the DNATed SYN",
+                    icmp_from(OTHER, &Pkt::tcp(C, FE, SYN).with_dst(BE_A.0, BE_A.1)),
+                )
+                .nat_bytes(
+                    icmp_from(OTHER, &Pkt::tcp(C, FE, SYN)),
+                    R::REASON_REV_NAT_ICMP,
+                ),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, FE, TCP), BE_A, SVC, SYN),
+                    Ct::rev(tuple(BE_A, C, TCP), FE, SVC, 0),
+                ],
+                svc: vec![(SVC, count(1, len(&Pkt::tcp(C, FE, SYN))))],
+                ..Default::default()
+            },
+        ),
         case(
             "udp_new_flow_and_reply",
             [dns(), vec![Setup::Pod]].concat(),

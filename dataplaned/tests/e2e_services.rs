@@ -677,3 +677,52 @@ fn an_apply_beyond_the_map_sizes_is_refused_whole_and_the_daemon_keeps_serving()
     );
     node.add_pod().unwrap();
 }
+
+#[test]
+fn a_backends_icmp_error_reaches_the_client_as_about_the_service() {
+    // UDP to a backend where nothing listens: the backend's kernel answers ICMP port unreachable
+    // about client -> backend:port; sluice rewrites it so the client's socket, connected to the
+    // ClusterIP, gets ECONNREFUSED instead of waiting for a timeout.
+    let node = SluiceNode::new().unwrap();
+    let client = node.add_pod().unwrap();
+    let b = node.add_pod().unwrap();
+    node.apply(&service(
+        "deaf",
+        "10.96.0.90",
+        53,
+        5353,
+        "UDP",
+        &[ready(&b.ip)],
+        "",
+    ))
+    .unwrap();
+    let script = r#"
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); s.connect(('10.96.0.90', 53))
+t = time.time(); s.send(b'q')
+try:
+    s.recv(10); print('answered')
+except ConnectionRefusedError:
+    print('refused', time.time() - t)
+except socket.timeout:
+    print('timeout')
+"#;
+    let out = run(client.ns.command("python3").args(["-c", script])).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let secs: f64 = text
+        .strip_prefix("refused ")
+        .unwrap_or_else(|| panic!("{text}"))
+        .parse()
+        .unwrap();
+    assert!(secs < 1.0, "{text}");
+    let st = node.status_json().unwrap();
+    let n = st["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "rev_nat_icmp")
+        .unwrap()["packets"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(n, 1);
+}
