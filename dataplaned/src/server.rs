@@ -24,30 +24,9 @@ impl Api {
         Api { state }
     }
 
-    /// Runs `f` under the state lock on the blocking pool.
-    async fn locked<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Inner, &Datapath) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || f(&mut state.lock(), &state.datapath))
-            .await
-            .map_err(|e| Status::internal(format!("worker failed: {e}")))?
-    }
-
-    /// Runs `f` under the services lock on the blocking pool.
-    async fn services<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut crate::services::Services, &Datapath) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || f(&mut state.services(), &state.datapath))
-            .await
-            .map_err(|e| Status::internal(format!("worker failed: {e}")))?
-    }
-
-    /// Runs `f` on the blocking pool without the lock (map reads only).
-    async fn unlocked<T: Send + 'static>(
+    /// Runs `f` on the blocking pool: IPAM writes fsync and map syscalls must not stall the
+    /// async workers.
+    async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&State) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
@@ -55,6 +34,24 @@ impl Api {
         tokio::task::spawn_blocking(move || f(&state))
             .await
             .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+    }
+
+    /// Runs `f` under the IPAM lock.
+    async fn locked<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Inner, &Datapath) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.blocking(move |st| f(&mut st.lock(), &st.datapath))
+            .await
+    }
+
+    /// Runs `f` under the services lock.
+    async fn services<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::services::Services, &Datapath) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.blocking(move |st| f(&mut st.services(), &st.datapath))
+            .await
     }
 }
 
@@ -413,7 +410,7 @@ impl Dataplane for Api {
         _req: Request<ListRequest>,
     ) -> Result<Response<ConntrackList>, Status> {
         let (flows, entries) = self
-            .unlocked(|st| {
+            .blocking(|st| {
                 conntrack::flows(&st.datapath.maps, &st.ct_timeouts)
                     .map_err(|e| Status::internal(format!("{e:#}")))
             })

@@ -253,16 +253,7 @@ fn ipam_never_duplicates_or_loses_an_ip_across_kill9_during_parallel_adds() {
                 let node = &node;
                 s.spawn(move || {
                     let out = node.cnitool("add", ns);
-                    let ip = out.status.success().then(|| {
-                        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                        v["ips"][0]["address"]
-                            .as_str()
-                            .unwrap()
-                            .split('/')
-                            .next()
-                            .unwrap()
-                            .to_string()
-                    });
+                    let ip = out.status.success().then(|| result_ip(&out.stdout));
                     (i, ip)
                 })
             })
@@ -326,14 +317,7 @@ fn ipam_never_duplicates_or_loses_an_ip_across_kill9_during_parallel_adds() {
                     "retry ADD: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                v["ips"][0]["address"]
-                    .as_str()
-                    .unwrap()
-                    .split('/')
-                    .next()
-                    .unwrap()
-                    .to_string()
+                result_ip(&out.stdout)
             }
         };
         assert!(all.insert(ip.clone()), "duplicate {ip}");

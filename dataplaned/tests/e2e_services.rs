@@ -52,14 +52,22 @@ fn ready(ip: &str) -> Ep<'_> {
     (ip, true, false)
 }
 
-#[test]
-fn clusterip_tcp_reaches_both_backends_and_they_see_the_client_ip() {
-    let node = SluiceNode::new().unwrap();
+/// A client pod and two backend pods with echo servers on 8080.
+fn client_and_two_backends(node: &SluiceNode) -> (Pod, Pod, Pod, Vec<Proc>) {
     let client = node.add_pod().unwrap();
     let b1 = node.add_pod().unwrap();
     let b2 = node.add_pod().unwrap();
-    let _s1 = echo_server(&b1.ns, 8080).unwrap();
-    let _s2 = echo_server(&b2.ns, 8080).unwrap();
+    let servers = vec![
+        echo_server(&b1.ns, 8080).unwrap(),
+        echo_server(&b2.ns, 8080).unwrap(),
+    ];
+    (client, b1, b2, servers)
+}
+
+#[test]
+fn clusterip_tcp_reaches_both_backends_and_they_see_the_client_ip() {
+    let node = SluiceNode::new().unwrap();
+    let (client, b1, b2, _servers) = client_and_two_backends(&node);
     node.apply(&service(
         "web",
         "10.96.0.10",
@@ -186,11 +194,7 @@ except ConnectionRefusedError:
 #[test]
 fn removing_a_backend_moves_new_connections_and_keeps_established_ones() {
     let node = SluiceNode::new().unwrap();
-    let client = node.add_pod().unwrap();
-    let b1 = node.add_pod().unwrap();
-    let b2 = node.add_pod().unwrap();
-    let _s1 = echo_server(&b1.ns, 8080).unwrap();
-    let _s2 = echo_server(&b2.ns, 8080).unwrap();
+    let (client, b1, b2, _servers) = client_and_two_backends(&node);
     node.apply(&service(
         "web",
         "10.96.0.30",
@@ -203,30 +207,8 @@ fn removing_a_backend_moves_new_connections_and_keeps_established_ones() {
     .unwrap();
 
     // A long-lived connection, driven line by line over a pipe.
-    let script = r#"
-import socket, sys
-c = socket.create_connection(('10.96.0.30', 80), 3); c.settimeout(3); f = c.makefile('rwb')
-for line in sys.stdin:
-    f.write(b'x\n'); f.flush(); print(f.readline().decode().strip(), flush=True)
-"#;
-    let mut long = client
-        .ns
-        .command("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = long.stdin.take().unwrap();
-    let mut stdout = std::io::BufReader::new(long.stdout.take().unwrap());
-    let mut ask = || {
-        use std::io::{BufRead, Write};
-        writeln!(stdin).unwrap();
-        stdin.flush().unwrap();
-        let mut l = String::new();
-        stdout.read_line(&mut l).unwrap();
-        l.split_whitespace().nth(1).unwrap_or("").to_string()
-    };
+    let mut conn = steady_conn(&client.ns, "10.96.0.30", 80);
+    let mut ask = || conn.ask();
     let kept = ask();
     assert!(kept == b1.ip || kept == b2.ip, "{kept}");
     let (kept_pod, other) = if kept == b1.ip {
@@ -295,19 +277,12 @@ for line in sys.stdin:
         after, kept_pod.ip,
         "the connection to a removed backend must stop"
     );
-    drop(stdin);
-    let _ = long.kill();
-    let _ = long.wait();
 }
 
 #[test]
 fn terminating_endpoints_keep_their_connections_but_get_no_new_ones() {
     let node = SluiceNode::new().unwrap();
-    let client = node.add_pod().unwrap();
-    let b1 = node.add_pod().unwrap();
-    let b2 = node.add_pod().unwrap();
-    let _s1 = echo_server(&b1.ns, 8080).unwrap();
-    let _s2 = echo_server(&b2.ns, 8080).unwrap();
+    let (client, b1, b2, _servers) = client_and_two_backends(&node);
     node.apply(&service(
         "web",
         "10.96.0.31",

@@ -100,6 +100,14 @@ async fn run(args: Args) -> Result<()> {
     }
 }
 
+/// With `-o json`, prints the reply as it is and says so.
+fn printed_as_json(out: Output, reply: &impl serde::Serialize) -> Result<bool> {
+    if out == Output::Json {
+        println!("{}", serde_json::to_string_pretty(reply)?);
+    }
+    Ok(out == Output::Json)
+}
+
 fn status_message(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
@@ -165,8 +173,7 @@ async fn services(
         .await
         .map_err(status_message)?
         .into_inner();
-    if out == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+    if printed_as_json(out, &list)? {
         return Ok(());
     }
     if endpoints {
@@ -242,8 +249,7 @@ async fn conntrack(client: &mut DataplaneClient<Channel>, out: Output) -> Result
         .await
         .map_err(status_message)?
         .into_inner();
-    if out == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+    if printed_as_json(out, &list)? {
         return Ok(());
     }
     println!(
@@ -270,8 +276,7 @@ async fn status(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()
         .await
         .map_err(status_message)?
         .into_inner();
-    if out == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+    if printed_as_json(out, &s)? {
         return Ok(());
     }
     println!(

@@ -76,7 +76,8 @@ pub struct ServiceView {
     pub bytes: u64,
 }
 
-fn desired_of<'a>(objs: impl IntoIterator<Item = &'a Object>) -> Desired {
+/// Desired state of a set of objects (Services and EndpointSlices; the rest is ignored).
+pub(crate) fn desired_of<'a>(objs: impl IntoIterator<Item = &'a Object>) -> Desired {
     let objs: Vec<&Object> = objs.into_iter().collect();
     let services = objs.iter().filter_map(|o| {
         if let Object::Service(s) = o {

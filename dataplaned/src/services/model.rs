@@ -314,32 +314,11 @@ fn backend_port(
 
 #[cfg(test)]
 mod tests {
-    use super::super::objects::{parse, Object};
+    use super::super::objects::parse;
     use super::*;
 
     fn desired_of(yaml: &str) -> Desired {
-        let objs = parse(yaml, "t").unwrap();
-        let svcs: Vec<_> = objs
-            .iter()
-            .filter_map(|o| {
-                if let Object::Service(s) = o {
-                    Some(s)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let slices: Vec<_> = objs
-            .iter()
-            .filter_map(|o| {
-                if let Object::EndpointSlice(s) = o {
-                    Some(s)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        desired(svcs, slices)
+        crate::services::desired_of(&parse(yaml, "t").unwrap())
     }
 
     fn b(ip: &str, port: u16) -> Backend {

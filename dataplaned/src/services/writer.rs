@@ -391,32 +391,11 @@ pub mod fake {
 mod tests {
     use super::fake::FakeMaps;
     use super::*;
-    use crate::services::model::{desired, Proto};
-    use crate::services::objects::{parse, Object};
+    use crate::services::model::Proto;
+    use crate::services::objects::parse;
 
     fn desired_of(yaml: &str) -> Desired {
-        let objs = parse(yaml, "t").unwrap();
-        let svcs: Vec<_> = objs
-            .iter()
-            .filter_map(|o| {
-                if let Object::Service(s) = o {
-                    Some(s)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let slices: Vec<_> = objs
-            .iter()
-            .filter_map(|o| {
-                if let Object::EndpointSlice(s) = o {
-                    Some(s)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        desired(svcs, slices)
+        crate::services::desired_of(&parse(yaml, "t").unwrap())
     }
 
     fn svc(name: &str, vip: &str, endpoints: &[(&str, &str)]) -> String {

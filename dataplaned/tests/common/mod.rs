@@ -33,6 +33,18 @@ pub fn mode() -> &'static str {
 }
 pub const SLUICECTL: &str = env!("CARGO_BIN_EXE_sluicectl");
 
+/// The first IP of a CNI result (cnitool's stdout), without its prefix length.
+pub fn result_ip(stdout: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(stdout).expect("CNI result JSON");
+    v["ips"][0]["address"]
+        .as_str()
+        .expect("an IP in the result")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 pub struct Pod {
     pub ns: Netns,
     pub ip: String,
@@ -205,13 +217,7 @@ impl SluiceNode {
             );
         }
         let result: Value = serde_json::from_slice(&out.stdout).context("cnitool add output")?;
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .context("no ip")?
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
+        let ip = result_ip(&out.stdout);
         Ok(Pod { ns, ip, result })
     }
 
