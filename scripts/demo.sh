@@ -34,7 +34,9 @@ cleanup() {
     set +e
     step "cleaning up"
     for p in "${PODS[@]}"; do
-        [ -e /run/netns/$p ] && cni del sluice /run/netns/$p 2>/dev/null
+        [ -e /run/netns/$p ] || continue
+        ip netns pids $p | xargs -r kill 2>/dev/null   # the demo's servers inside the pod
+        cni del sluice /run/netns/$p 2>/dev/null
         ip netns del $p 2>/dev/null
     done
     if [ -n "$DAEMON_PID" ]; then kill -TERM "$DAEMON_PID" 2>/dev/null; wait "$DAEMON_PID" 2>/dev/null; fi
