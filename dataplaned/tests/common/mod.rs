@@ -385,6 +385,21 @@ while True:
     Ok(p)
 }
 
+/// The first two words a line of output holds: (client IP the server saw, the server's IP).
+fn two_words(line: &str) -> (String, String) {
+    let mut it = line.split_whitespace();
+    (
+        it.next().unwrap_or("").to_string(),
+        it.next().unwrap_or("").to_string(),
+    )
+}
+
+/// Runs a python client in `ns` that prints one "<client seen> <server>" line.
+fn python_pair(ns: &Netns, script: &str) -> Result<(String, String)> {
+    let out = run(ns.command("python3").args(["-c", script]))?;
+    Ok(two_words(&String::from_utf8_lossy(&out.stdout)))
+}
+
 /// One request/response over a fresh TCP connection from `ns`: returns what the server saw as our IP.
 pub fn tcp_ask(ns: &Netns, addr: &str, port: u16) -> Result<String> {
     Ok(tcp_ask_full(ns, addr, port)?.0)
@@ -395,13 +410,7 @@ pub fn tcp_ask_full(ns: &Netns, addr: &str, port: u16) -> Result<(String, String
     let script = format!(
         "import socket\nc = socket.create_connection(('{addr}', {port}), 3)\nc.sendall(b'hi\\n')\nprint(c.makefile().readline())"
     );
-    let out = run(ns.command("python3").args(["-c", &script]))?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut it = text.split_whitespace();
-    Ok((
-        it.next().unwrap_or("").to_string(),
-        it.next().unwrap_or("").to_string(),
-    ))
+    python_pair(ns, &script)
 }
 
 /// `n` TCP connections from `ns`, one after another: (client IP seen, backend) of each.
@@ -418,13 +427,7 @@ for i in range({n}):
     let out = run(ns.command("python3").args(["-c", &script]))?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| {
-            let mut it = l.split_whitespace();
-            (
-                it.next().unwrap_or("").to_string(),
-                it.next().unwrap_or("").to_string(),
-            )
-        })
+        .map(two_words)
         .collect())
 }
 
@@ -459,11 +462,5 @@ pub fn udp_ask(ns: &Netns, addr: &str, port: u16) -> Result<(String, String)> {
     let script = format!(
         "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\ns.connect(('{addr}', {port})); s.send(b'q')\nprint(s.recv(100).decode())"
     );
-    let out = run(ns.command("python3").args(["-c", &script]))?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut it = text.split_whitespace();
-    Ok((
-        it.next().unwrap_or("").to_string(),
-        it.next().unwrap_or("").to_string(),
-    ))
+    python_pair(ns, &script)
 }
