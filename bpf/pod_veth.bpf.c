@@ -1,23 +1,30 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Attach point: the host side of a pod's veth.
- *   from_pod - TC ingress (packets the pod sends): service DNAT, hairpin reply leg.
- *   to_pod   - TC egress (packets to the pod): reverse NAT of service replies.
+ *   from_pod - TC ingress (packets the pod sends): source check, service DNAT, direct-flow
+ *              tracking, hairpin reply leg.
+ *   to_pod   - TC egress (packets to the pod): reverse NAT of replies and of ICMP errors.
  * Both count the pod's traffic. All logic lives in lib/.
  */
 #include "lib/common.h"
 #include "lib/parse.h"
+#include "lib/pod.h"
 #include "lib/conntrack.h"
+#include "lib/frag.h"
 #include "lib/lb.h"
+#include "lib/direct.h"
 #include "lib/icmp.h"
 
-/* Fragments carry no ports: they pass, unless they are for a VIP (cannot be NATed, so dropped). */
-static __always_inline int fragment_reason(const struct packet *pkt)
+/* A later fragment: rewritten as its first was, or passed; one for a VIP cannot be NATed. */
+static __always_inline int later_fragment(struct __sk_buff *skb, struct packet *pkt)
 {
 	__be32 vip = pkt->daddr;
+	int reason = frag_later(skb, pkt);
 
+	if (reason != CONTINUE)
+		return reason;
 	if (bpf_map_lookup_elem(&sl_vip_v1, &vip))
-		return REASON_DROP_FRAG_TO_VIP;
+		return REASON_DROP_FRAG_ORPHAN;
 	return REASON_PASS_FRAGMENT;
 }
 
@@ -27,50 +34,65 @@ int from_pod(struct __sk_buff *skb)
 	struct packet pkt = {};
 	struct frontend_key fk = {};
 	struct frontend_value *fe;
+	struct pod_info *pod;
+	__be32 saddr, daddr;
 	int reason;
 
-	pod_account(skb, 0);
+	pod = pod_account(skb, 0);
 	reason = parse_packet(skb, &pkt);
 	if (reason != CONTINUE)
 		return finish(skb, &pkt, reason);
-	if (pkt.is_frag)
-		return finish(skb, &pkt, fragment_reason(&pkt));
+	if (!pod_source_ok(pod, &pkt))
+		return finish(skb, &pkt, REASON_DROP_SPOOFED);
+	if (pkt.frag == FRAG_LATER)
+		return finish(skb, &pkt, later_fragment(skb, &pkt));
 	if (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
 		return finish(skb, &pkt, REASON_PASS);
 
-	/* The one lookup non-service traffic pays. */
-	fk.vip = pkt.daddr;
+	/* The one lookup every other packet pays before direct tracking. */
+	fk.addr = pkt.daddr;
 	fk.port = pkt.dport;
 	fk.proto = pkt.proto;
-	fe = bpf_map_lookup_elem(&sl_fe_v1, &fk);
+	fe = bpf_map_lookup_elem(&sl_fe_v2, &fk);
 	if (fe)
 		return finish(skb, &pkt, lb_forward(skb, &pkt, fe));
 	/* A backend answering a hairpinned client: turn the reply around here. */
-	if (pkt.daddr == hairpin_addr)
-		return finish(skb, &pkt, ct_reverse(skb, &pkt));
-	return finish(skb, &pkt, REASON_PASS);
+	if (pkt.daddr == hairpin_addr) {
+		saddr = pkt.saddr;
+		daddr = pkt.daddr;
+		reason = ct_reverse(skb, &pkt);
+		if (reason < REASON_FIRST_DROP)
+			frag_remember(&pkt, saddr, daddr);
+		return finish(skb, &pkt, reason);
+	}
+	return finish(skb, &pkt, direct_track(skb, &pkt));
 }
 
 SEC("tc")
 int to_pod(struct __sk_buff *skb)
 {
 	struct packet pkt = {};
+	__be32 saddr, daddr;
 	int reason;
 
 	pod_account(skb, 1);
 	reason = parse_packet(skb, &pkt);
 	if (reason != CONTINUE)
 		return finish(skb, &pkt, reason);
-	/* Fragments carry no ports; towards a pod they are never for a VIP. */
-	if (pkt.is_frag)
-		return finish(skb, &pkt, REASON_PASS_FRAGMENT);
-	/* An ICMP error about a service flow: make its quote match the client's socket. */
+	if (pkt.frag == FRAG_LATER)
+		return finish(skb, &pkt, later_fragment(skb, &pkt));
+	/* An ICMP error about a NATed flow: make its quote match the client's socket. */
 	if (pkt.proto == IPPROTO_ICMP)
 		return finish(skb, &pkt, icmp_error_rev_nat(skb, &pkt));
 	if (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
 		return finish(skb, &pkt, REASON_PASS);
-	/* A service reply: restore the frontend as its source. */
-	return finish(skb, &pkt, ct_reverse(skb, &pkt));
+	/* A reply: restore the frontend as its source. */
+	saddr = pkt.saddr;
+	daddr = pkt.daddr;
+	reason = ct_reverse(skb, &pkt);
+	if (reason < REASON_FIRST_DROP)
+		frag_remember(&pkt, saddr, daddr);
+	return finish(skb, &pkt, reason);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

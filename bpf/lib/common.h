@@ -39,14 +39,27 @@ struct packet {
 	__u32  l4_off;          /* from the start of the frame; honours IP options */
 	__be32 saddr;
 	__be32 daddr;
-	__be16 sport;
+	__be16 sport;           /* 0 for a later fragment */
 	__be16 dport;
+	__be16 ip_id;
 	__u8   proto;
 	__u8   tcp_flags;       /* byte 13 of the TCP header */
 	__u8   ihl;             /* IP header length in 32-bit words */
-	__u8   is_frag;         /* MF set or non-zero offset: no ports */
+	__u8   frag;            /* FRAG_* */
 	__u8   redirect_back;   /* send out of the interface it came in on (MACs swapped) */
+	__u8   pad;
 };
+
+enum frag_kind {
+	FRAG_NONE  = 0, /* a whole packet */
+	FRAG_FIRST = 1, /* offset 0, more to come: carries the L4 header */
+	FRAG_LATER = 2, /* offset > 0: no L4 header */
+};
+
+static __always_inline int is_tcp_syn(const struct packet *pkt)
+{
+	return pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
+}
 
 static __always_inline void counter_add(void *map, __u32 index, __u32 bytes)
 {
@@ -56,6 +69,14 @@ static __always_inline void counter_add(void *map, __u32 index, __u32 bytes)
 		c->packets++;
 		c->bytes += bytes;
 	}
+}
+
+static __always_inline void ct_event(__u32 ev, __u32 n)
+{
+	struct counter *c = bpf_map_lookup_elem(&sl_ctev_v1, &ev);
+
+	if (c)
+		c->packets += n;
 }
 
 /* Swap Ethernet source and destination: the frame goes back where it came from. */
@@ -75,34 +96,17 @@ static __always_inline int swap_macs(struct __sk_buff *skb)
  * turned it into), then pass, drop or bounce the packet. */
 static __always_inline int finish(struct __sk_buff *skb, const struct packet *pkt, int reason)
 {
-	counter_add(&sl_rsn_v1, reason, pkt->len);
+	counter_add(&sl_rsn_v2, reason, pkt->len);
 	if (reason >= REASON_FIRST_DROP)
 		return TC_ACT_SHOT;
 	if (pkt->redirect_back) {
 		if (swap_macs(skb) < 0) {
-			counter_add(&sl_rsn_v1, REASON_DROP_REWRITE, pkt->len);
+			counter_add(&sl_rsn_v2, REASON_DROP_REWRITE, pkt->len);
 			return TC_ACT_SHOT;
 		}
 		return bpf_redirect(skb->ifindex, 0);
 	}
 	return TC_ACT_OK;
-}
-
-/* Per-pod accounting on the host-side veth; the daemon creates the entry when it attaches. */
-static __always_inline void pod_account(struct __sk_buff *skb, int towards_pod)
-{
-	__u32 ifindex = skb->ifindex;
-	struct pod_stats *s = bpf_map_lookup_elem(&sl_pod_v1, &ifindex);
-
-	if (!s)
-		return;
-	if (towards_pod) {
-		s->rx_packets++;
-		s->rx_bytes += skb->len;
-	} else {
-		s->tx_packets++;
-		s->tx_bytes += skb->len;
-	}
 }
 
 #endif

@@ -1,6 +1,14 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Conntrack: one LRU entry per direction of a NATed flow. The datapath only records what it sees
- * (TCP flags per direction, last-seen time); the daemon turns that into states and timeouts. */
+/*
+ * Conntrack entries. A NATed flow has two, one per direction, each keyed by the 5-tuple its packets
+ * carry and saying how to rewrite them; either can be derived from the other (ct_inverse), so a
+ * missing leg is repaired rather than lost. A local pod's direct flow has one DIRECT entry, keyed
+ * by the direction that reaches the pod, so that no NATed flow ever takes its tuple.
+ *
+ * The datapath records what it sees (TCP flags per direction, a last-seen time) and decides, with
+ * the same timeouts as the daemon's GC (config.h), whether a flow that holds a tuple is over.
+ * Userspace mirrors this file in services/conntrack.rs.
+ */
 #ifndef SLUICE_LIB_CONNTRACK_H
 #define SLUICE_LIB_CONNTRACK_H
 
@@ -14,89 +22,213 @@ static __always_inline void ct_key_of(const struct packet *pkt, struct ct_key *k
 	key->sport = pkt->sport;
 	key->dport = pkt->dport;
 	key->proto = pkt->proto;
+	key->pad[0] = key->pad[1] = key->pad[2] = 0;
 }
 
-/* Record what this packet shows; write last_seen only when it has aged by ct_refresh_ns. */
-static __always_inline void ct_touch(struct ct_value *ct, const struct packet *pkt, __u64 now)
+/* The other direction of a tuple. */
+static __always_inline void ct_key_swap(const struct ct_key *in, struct ct_key *out)
 {
-	__u32 flags = pkt->tcp_flags & (TCPF_FIN | TCPF_SYN | TCPF_RST | TCPF_ACK);
+	out->saddr = in->daddr;
+	out->daddr = in->saddr;
+	out->sport = in->dport;
+	out->dport = in->sport;
+	out->proto = in->proto;
+	out->pad[0] = out->pad[1] = out->pad[2] = 0;
+}
 
-	if (pkt->proto == IPPROTO_TCP && (flags & ~ct->tcp_flags_seen))
-		__sync_fetch_and_or(&ct->tcp_flags_seen, flags);
+/*
+ * The other leg of a NATed flow: packets of the other direction come from where this leg's
+ * packets go after rewriting and go to where they came from, and are rewritten back. Works both
+ * ways (FWD -> REV, REV -> FWD), for DNAT, hairpin SNAT and translated source ports alike.
+ */
+static __always_inline void ct_inverse(const struct ct_key *k, const struct ct_value *v,
+				       struct ct_key *ok, struct ct_value *ov)
+{
+	ok->saddr = v->nat_daddr ? v->nat_daddr : k->daddr;
+	ok->daddr = v->nat_saddr ? v->nat_saddr : k->saddr;
+	ok->sport = v->nat_dport ? v->nat_dport : k->dport;
+	ok->dport = v->nat_sport ? v->nat_sport : k->sport;
+	ok->proto = k->proto;
+	ok->pad[0] = ok->pad[1] = ok->pad[2] = 0;
+	if (!ov)
+		return;
+	ov->nat_saddr = v->nat_daddr ? k->daddr : 0;
+	ov->nat_daddr = v->nat_saddr ? k->saddr : 0;
+	ov->nat_sport = v->nat_dport ? k->dport : 0;
+	ov->nat_dport = v->nat_sport ? k->sport : 0;
+	ov->set_id = v->set_id;
+	ov->gen = v->gen;
+	ov->tun_addr = v->tun_addr;
+	ov->type = v->type == CT_TYPE_FWD ? CT_TYPE_REV : CT_TYPE_FWD;
+	ov->flags = v->flags;
+}
+
+/* The flag bits a packet adds to an entry: its TCP flags and "a packet crossed". */
+static __always_inline __u32 ct_bits_of(const struct packet *pkt)
+{
+	return (pkt->proto == IPPROTO_TCP ? (pkt->tcp_flags & TCPF_TRACKED) : 0) | CT_SEEN_PKT;
+}
+
+/* Record what this packet shows (@shift: 0, or CT_SEEN_PEER_SHIFT for the peer's direction of a
+ * DIRECT entry); write last_seen only when it has aged by ct_refresh_ns. */
+static __always_inline void ct_touch(struct ct_value *ct, const struct packet *pkt, __u32 shift,
+				     __u64 now)
+{
+	__u32 bits = ct_bits_of(pkt) << shift;
+
+	if (bits & ~(__u32)ct->seen)
+		__sync_fetch_and_or((__u32 *)&ct->seen, bits);
 	if (now - ct->last_seen_ns > ct_refresh_ns)
 		ct->last_seen_ns = now;
 }
 
-#define TCPF_ENDED (TCPF_FIN | TCPF_RST)
-
-/* The reverse key a forward entry implies (mirrored by userspace in conntrack.rs). */
-static __always_inline void ct_rev_key_of_fwd(const struct ct_key *fkey, const struct ct_value *fwd,
-					      struct ct_key *rkey)
+/* The idle timeout of a flow whose directions saw @a and @b (mirrored by conntrack.rs state()). */
+static __always_inline __u64 ct_timeout(__u8 proto, __u32 a, __u32 b)
 {
-	rkey->saddr = fwd->nat_daddr;
-	rkey->daddr = (fwd->flags & CT_F_HAIRPIN) ? fwd->nat_saddr : fkey->saddr;
-	rkey->sport = fwd->nat_dport;
-	rkey->dport = fkey->sport;
-	rkey->proto = fkey->proto;
+	if (proto != IPPROTO_TCP)
+		return (b & CT_SEEN_PKT) && (a & CT_SEEN_PKT) ? ct_udp_stream_ns : ct_udp_ns;
+	if ((a | b) & TCPF_RST)
+		return ct_rst_ns;
+	if ((a & TCPF_FIN) && (b & TCPF_FIN))
+		return ct_closed_ns;
+	if ((a | b) & TCPF_FIN)
+		return ct_fin_ns;
+	if ((a & TCPF_ACK) && (b & TCPF_ACK))
+		return ct_established_ns;
+	return ct_syn_ns;
 }
 
-/* The forward key a reverse entry implies. */
-static __always_inline void ct_fwd_key_of_rev(const struct ct_key *rkey, const struct ct_value *rev,
-					      struct ct_key *fkey)
+/* Whether a flow may give up its tuples to another: reset, closed by both sides, or idle past its
+ * state's timeout. (A half-closed TCP flow still carries data one way: it keeps them.) */
+static __always_inline int ct_gone(__u8 proto, __u32 a, __u32 b, __u64 last_seen, __u64 now)
 {
-	fkey->saddr = (rev->flags & CT_F_HAIRPIN) ? rev->nat_daddr : rkey->daddr;
-	fkey->daddr = rev->nat_saddr;
-	fkey->sport = rkey->dport;
-	fkey->dport = rev->nat_sport;
-	fkey->proto = rkey->proto;
-}
-
-/* Whether a TCP flow saw FIN or RST in either direction (its other leg may be gone: ended). */
-static __always_inline int ct_ended(const struct ct_value *leg, const struct ct_key *other_key)
-{
-	const struct ct_value *other;
-
-	if (leg->tcp_flags_seen & TCPF_ENDED)
+	if (proto == IPPROTO_TCP &&
+	    (((a | b) & TCPF_RST) || ((a & TCPF_FIN) && (b & TCPF_FIN))))
 		return 1;
-	other = bpf_map_lookup_elem(&sl_ct_v1, other_key);
-	return !other || (other->tcp_flags_seen & TCPF_ENDED);
+	return now - last_seen > ct_timeout(proto, a, b);
 }
 
-/* A fresh SYN on a flow that has ended (FIN or RST from either side) reuses the port: a new flow.
- * Only a SYN pays the second lookup. */
-static __always_inline int ct_is_port_reuse(const struct ct_key *fkey, const struct ct_value *fwd,
-					    const struct packet *pkt)
+/* Whether a TCP flow saw FIN or RST either way: a fresh SYN on its tuple starts a new flow. */
+static __always_inline int ct_ended(__u32 a, __u32 b)
 {
-	struct ct_key rkey = {};
+	return (a | b) & TCPF_ENDED;
+}
 
-	if (pkt->proto != IPPROTO_TCP || (pkt->tcp_flags & (TCPF_SYN | TCPF_ACK)) != TCPF_SYN)
+/* The two legs of a flow as one: which direction saw what, and when it was last alive. */
+struct ct_flow {
+	__u32 a;         /* client direction */
+	__u32 b;         /* reply direction */
+	__u64 last_seen;
+	int   half;      /* the other leg is missing */
+};
+
+/* @k/@v is one leg (FWD or REV) of a NATed flow: look up its other leg. */
+static __always_inline struct ct_flow ct_flow_of(const struct ct_key *k, const struct ct_value *v)
+{
+	struct ct_key ok;
+	struct ct_value *o;
+	struct ct_flow f = {};
+
+	ct_inverse(k, v, &ok, 0);
+	o = bpf_map_lookup_elem(&sl_ct_v2, &ok);
+	if (o && o->type == CT_TYPE_FWD + CT_TYPE_REV - v->type) {
+		f.a = v->type == CT_TYPE_FWD ? v->seen : o->seen;
+		f.b = v->type == CT_TYPE_FWD ? o->seen : v->seen;
+		f.last_seen = v->last_seen_ns > o->last_seen_ns ? v->last_seen_ns : o->last_seen_ns;
+	} else {
+		f.a = v->type == CT_TYPE_FWD ? v->seen : 0;
+		f.b = v->type == CT_TYPE_FWD ? 0 : v->seen;
+		f.last_seen = v->last_seen_ns;
+		f.half = 1;
+	}
+	return f;
+}
+
+/* Whether the holder of a tuple (any entry type) may give it up. */
+static __always_inline int ct_entry_gone(const struct ct_key *k, const struct ct_value *v, __u64 now)
+{
+	struct ct_flow f;
+
+	if (v->type == CT_TYPE_DIRECT)
+		return ct_gone(k->proto, v->seen & 0xff, v->seen >> CT_SEEN_PEER_SHIFT,
+			       v->last_seen_ns, now);
+	if (v->type != CT_TYPE_FWD && v->type != CT_TYPE_REV)
 		return 0;
-	ct_rev_key_of_fwd(fkey, fwd, &rkey);
-	return ct_ended(fwd, &rkey);
+	f = ct_flow_of(k, v);
+	return ct_gone(k->proto, f.a, f.b, f.last_seen, now);
+}
+
+/* Deletes an entry and, for a NATed flow's leg, its other leg. */
+static __always_inline void ct_delete_flow(const struct ct_key *k, const struct ct_value *v)
+{
+	struct ct_key ok;
+	__u32 n = 0;
+
+	if (v->type == CT_TYPE_FWD || v->type == CT_TYPE_REV) {
+		ct_inverse(k, v, &ok, 0);
+		if (bpf_map_delete_elem(&sl_ct_v2, &ok) == 0)
+			n++;
+	}
+	if (bpf_map_delete_elem(&sl_ct_v2, k) == 0)
+		n++;
+	if (n)
+		ct_event(CT_EV_DELETED, n);
+}
+
+static __always_inline int ct_insert(const struct ct_key *k, const struct ct_value *v, __u64 flags)
+{
+	int err = bpf_map_update_elem(&sl_ct_v2, k, v, flags);
+
+	if (!err && flags == BPF_NOEXIST)
+		ct_event(CT_EV_CREATED, 1);
+	return err;
+}
+
+/*
+ * A forward packet of a live flow whose reply leg is missing (LRU evicted it, or a crash left the
+ * flow half): re-create it from @fk/@fwd before any reply can come. Return: 1 if re-created.
+ */
+static __always_inline int ct_repair_reverse(const struct ct_key *fk, const struct ct_value *fwd,
+					     __u64 now)
+{
+	struct ct_key rk;
+	struct ct_value rev = {};
+
+	ct_inverse(fk, fwd, &rk, &rev);
+	rev.created_ns = rev.last_seen_ns = now;
+	return ct_insert(&rk, &rev, BPF_NOEXIST) == 0;
 }
 
 /**
- * ct_reverse - reply leg: restore the frontend as the source (and, for hairpin, the client as
- * the destination).
- * Return: REASON_REV_NAT (rewritten), REASON_PASS (no NATed flow), or a drop reason.
+ * ct_reverse - a packet towards a local pod (or, hairpin, from it to hairpin_addr): the reply leg
+ * of a NATed flow is rewritten back; a DIRECT flow's entry records it.
+ * Return: REASON_REV_NAT / REASON_XLATE (rewritten), REASON_DIRECT, REASON_PASS, or a drop reason.
  */
 static __always_inline int ct_reverse(struct __sk_buff *skb, struct packet *pkt)
 {
-	struct ct_key key = {};
+	struct ct_key key;
 	struct ct_value *ct;
+	__u64 now;
 	int err;
 
 	ct_key_of(pkt, &key);
-	ct = bpf_map_lookup_elem(&sl_ct_v1, &key);
-	if (!ct || ct->type != CT_TYPE_REV)
+	ct = bpf_map_lookup_elem(&sl_ct_v2, &key);
+	if (!ct)
 		return REASON_PASS;
-	ct_touch(ct, pkt, bpf_ktime_get_ns());
-	err = nat_apply(skb, pkt, ct);
+	now = bpf_ktime_get_ns();
+	if (ct->type == CT_TYPE_DIRECT) {
+		ct_touch(ct, pkt, CT_SEEN_PEER_SHIFT, now);
+		return REASON_DIRECT;
+	}
+	if (ct->type != CT_TYPE_REV)
+		return REASON_PASS;
+	ct_touch(ct, pkt, 0, now);
+	err = nat_apply(skb, pkt, nat_of(ct));
 	if (err)
 		return err;
 	if (ct->flags & CT_F_HAIRPIN)
 		pkt->redirect_back = 1;
-	return REASON_REV_NAT;
+	return ct->nat_saddr ? REASON_REV_NAT : REASON_XLATE;
 }
 
 #endif

@@ -5,36 +5,68 @@
 
 #include "common.h"
 #include "conntrack.h"
+#include "frag.h"
 #include "nat.h"
 #include "reject.h"
+#include "xlate.h"
 
-/* Pick a backend for a new flow: the client's remembered one (sessionAffinity) or a random slot. */
-static __always_inline int lb_pick(const struct frontend_value *fe, const struct packet *pkt,
-				   __u64 now, struct backend_value *out)
+/* The backend set a frontend's new flows use. */
+struct lb_set {
+	__u32 id;
+	__u32 count;
+};
+
+/* For a client on a local pod: internalTrafficPolicy for ClusterIPs; NodePorts, LoadBalancer and
+ * external IPs reached from inside the cluster use every endpoint, as kube-proxy does. */
+static __always_inline struct lb_set lb_set_for_pod(const struct frontend_value *fe)
 {
-	struct backend_key bk = { .svc_id = fe->svc_id };
+	struct lb_set s = { .id = fe->cluster_id, .count = fe->cluster_count };
+
+	if ((fe->flags & (FE_F_ITP_LOCAL | FE_F_EXTERNAL)) == FE_F_ITP_LOCAL) {
+		s.id = fe->local_id;
+		s.count = fe->local_count;
+	}
+	return s;
+}
+
+/* Whether @addr:@port still receives new flows of set @set_id. */
+static __always_inline int lb_member(__u32 set_id, __be32 addr, __be16 port)
+{
+	struct member_key mk = { .set_id = set_id, .addr = addr, .port = port };
+
+	return bpf_map_lookup_elem(&sl_bm_v1, &mk) != 0;
+}
+
+/* Pick a backend for a new flow: the client's remembered one (sessionAffinity, while it is still
+ * a member of the set) or a random slot. */
+static __always_inline int lb_pick(const struct frontend_value *fe, struct lb_set set,
+				   const struct packet *pkt, __u64 now, struct backend_value *out)
+{
+	struct backend_key bk = { .set_id = set.id };
+	struct affinity_key ak = { .client = pkt->saddr, .svc_id = set.id };
 	struct backend_value *be;
 
 	if (fe->flags & FE_F_AFFINITY) {
-		struct affinity_key ak = { .client = pkt->saddr, .svc_id = fe->svc_id };
 		struct affinity_value *av = bpf_map_lookup_elem(&sl_aff_v1, &ak);
 
-		if (av && now - av->last_used_ns < (__u64)fe->affinity_timeout * 1000000000ULL) {
+		if (av && now - av->last_used_ns < (__u64)fe->affinity_timeout * 1000000000ULL &&
+		    lb_member(set.id, av->addr, av->port)) {
 			out->addr = av->addr;
 			out->port = av->port;
+			out->flags = 0;
+			out->node = 0;
 			av->last_used_ns = now;
 			return REASON_AFFINITY_HIT;
 		}
 	}
 
-	bk.slot = bpf_get_prandom_u32() % fe->backend_count;
-	be = bpf_map_lookup_elem(&sl_be_v1, &bk);
+	bk.slot = bpf_get_prandom_u32() % set.count;
+	be = bpf_map_lookup_elem(&sl_be_v2, &bk);
 	if (!be)
 		return REASON_DROP_NO_BACKEND; /* slot removed under us: the client retransmits */
 	*out = *be;
 
 	if (fe->flags & FE_F_AFFINITY) {
-		struct affinity_key ak = { .client = pkt->saddr, .svc_id = fe->svc_id };
 		struct affinity_value av = { .last_used_ns = now, .addr = be->addr, .port = be->port };
 
 		bpf_map_update_elem(&sl_aff_v1, &ak, &av, BPF_ANY);
@@ -42,82 +74,101 @@ static __always_inline int lb_pick(const struct frontend_value *fe, const struct
 	return REASON_NAT_NEW;
 }
 
-/**
- * lb_new_flow - choose a backend and create the forward (@fwd, filled in) and reverse entries.
- * Return: REASON_NAT_NEW / REASON_AFFINITY_HIT, or a drop reason.
- */
-static __always_inline int lb_new_flow(const struct frontend_value *fe, const struct packet *pkt,
-				       __u64 now, struct ct_value *fwd, __u64 fwd_update_flags)
+/* Whether @ok (derived from a reply leg) is the forward tuple @fk: that reply leg is this very
+ * flow's, left from before (its forward leg was lost or is being replaced). */
+static __always_inline int ct_key_eq(const struct ct_key *a, const struct ct_key *b)
 {
-	struct ct_key fkey = {}, rkey = {};
+	return a->saddr == b->saddr && a->daddr == b->daddr && a->sport == b->sport &&
+	       a->dport == b->dport && a->proto == b->proto;
+}
+
+/**
+ * lb_new_flow - choose a backend and create the forward (@fwd, filled in) and reply legs. When the
+ * reply tuple belongs to a live flow, the client port is translated; when it belongs to a flow
+ * that is over, that flow's entries give way.
+ * Return: REASON_NAT_NEW / _AFFINITY_HIT / _NAT_NEW_XLATE / _FLOW_REPLACED (or @reused when the
+ * caller is replacing this tuple's ended flow), REASON_NAT_ESTABLISHED when another CPU created the
+ * flow first, or a drop reason.
+ */
+static __always_inline int lb_new_flow(const struct frontend_value *fe, struct lb_set set,
+				       const struct packet *pkt, __u64 now, struct ct_value *fwd,
+				       __u64 fwd_update_flags, int reused)
+{
+	struct ct_key fk = {}, rk = {}, ok = {};
 	struct ct_value rev = {};
 	struct backend_value be = {};
-	struct ct_value *winner, *clash;
-	int hairpin, reason;
+	struct ct_value *x, *winner;
+	int hairpin, reason, err;
 
-	reason = lb_pick(fe, pkt, now, &be);
+	reason = lb_pick(fe, set, pkt, now, &be);
 	if (reason >= REASON_FIRST_DROP)
 		return reason;
+	if (reused)
+		reason = reused;
 	hairpin = be.addr == pkt->saddr;
 
 	fwd->created_ns = fwd->last_seen_ns = now;
 	fwd->nat_saddr = hairpin ? hairpin_addr : 0;
 	fwd->nat_daddr = be.addr;
+	fwd->nat_sport = 0;
 	fwd->nat_dport = be.port;
-	fwd->svc_id = fe->svc_id;
-	fwd->tcp_flags_seen = pkt->tcp_flags & (TCPF_FIN | TCPF_SYN | TCPF_RST | TCPF_ACK);
+	fwd->set_id = set.id;
+	fwd->gen = fe->gen;
+	fwd->tun_addr = 0;
+	fwd->seen = ct_bits_of(pkt);
 	fwd->type = CT_TYPE_FWD;
 	fwd->flags = hairpin ? CT_F_HAIRPIN : 0;
 
-	/* The reply leg: backend -> client (or -> hairpin address). */
-	rkey.saddr = be.addr;
-	rkey.daddr = hairpin ? hairpin_addr : pkt->saddr;
-	rkey.sport = be.port;
-	rkey.dport = pkt->sport;
-	rkey.proto = pkt->proto;
+	ct_key_of(pkt, &fk);
+	ct_inverse(&fk, fwd, &rk, &rev);
 	rev.created_ns = rev.last_seen_ns = now;
-	rev.nat_saddr = pkt->daddr;
-	rev.nat_sport = pkt->dport;
-	rev.nat_daddr = hairpin ? pkt->saddr : 0;
-	rev.svc_id = fe->svc_id;
-	rev.type = CT_TYPE_REV;
-	rev.flags = fwd->flags;
 
-	/* The reply tuple may already belong to another live flow: the same client port towards
-	 * another frontend with this backend. Overwriting it would break that flow's replies; this
-	 * one is refused instead (no source-port NAT here). An ended flow's entry may be reused. */
-	clash = bpf_map_lookup_elem(&sl_ct_v1, &rkey);
-	if (clash && clash->type == CT_TYPE_REV &&
-	    (clash->nat_saddr != rev.nat_saddr || clash->nat_sport != rev.nat_sport ||
-	     clash->nat_daddr != rev.nat_daddr)) {
-		struct ct_key clash_fkey = {};
-
-		ct_fwd_key_of_rev(&rkey, clash, &clash_fkey);
-		if (pkt->proto != IPPROTO_TCP || !ct_ended(clash, &clash_fkey))
-			return REASON_DROP_CT_COLLISION;
+	x = bpf_map_lookup_elem(&sl_ct_v2, &rk);
+	if (x) {
+		ct_inverse(&rk, x, &ok, 0);
+		if (x->type == CT_TYPE_REV && ct_key_eq(&ok, &fk)) {
+			/* This flow's own reply leg: refresh it. */
+			err = bpf_map_update_elem(&sl_ct_v2, &rk, &rev, BPF_ANY);
+		} else if (ct_entry_gone(&rk, x, now)) {
+			/* A flow that is over holds the tuple: it gives way. */
+			ct_delete_flow(&rk, x);
+			if (!reused)
+				reason = REASON_FLOW_REPLACED;
+			err = ct_insert(&rk, &rev, BPF_NOEXIST);
+		} else {
+			err = -1; /* a live flow: translate */
+		}
+	} else {
+		err = ct_insert(&rk, &rev, BPF_NOEXIST);
+	}
+	if (err) {
+		/* Taken by a live flow (or by another CPU just now): a port of our own. */
+		err = xlate_insert_reverse(&fk, fwd, now);
+		if (err)
+			return err;
+		reason = REASON_NAT_NEW_XLATE;
+		ct_inverse(&fk, fwd, &rk, 0);
 	}
 
-	/* Reverse first: once the forward entry exists, replies may come. */
-	if (bpf_map_update_elem(&sl_ct_v1, &rkey, &rev, BPF_ANY) < 0)
-		return REASON_DROP_CT_CREATE;
-	ct_key_of(pkt, &fkey);
-	if (bpf_map_update_elem(&sl_ct_v1, &fkey, fwd, fwd_update_flags) == 0)
+	if (ct_insert(&fk, fwd, fwd_update_flags) == 0)
 		return reason;
 
-	/* Another CPU created this flow first: follow its choice, drop our reverse leg if unused. */
-	winner = bpf_map_lookup_elem(&sl_ct_v1, &fkey);
+	/* Another CPU created this flow first: follow its choice, drop our reply leg if unused. */
+	winner = bpf_map_lookup_elem(&sl_ct_v2, &fk);
 	if (!winner || winner->type != CT_TYPE_FWD) {
-		bpf_map_delete_elem(&sl_ct_v1, &rkey);
+		if (bpf_map_delete_elem(&sl_ct_v2, &rk) == 0)
+			ct_event(CT_EV_DELETED, 1);
 		return REASON_DROP_CT_CREATE;
 	}
-	if (winner->nat_daddr != fwd->nat_daddr || winner->nat_dport != fwd->nat_dport)
-		bpf_map_delete_elem(&sl_ct_v1, &rkey);
+	ct_inverse(&fk, winner, &ok, 0);
+	if (!ct_key_eq(&ok, &rk) && bpf_map_delete_elem(&sl_ct_v2, &rk) == 0)
+		ct_event(CT_EV_DELETED, 1);
 	*fwd = *winner;
 	return REASON_NAT_ESTABLISHED;
 }
 
 /**
- * lb_forward - a TCP/UDP packet to a frontend: DNAT it towards its flow's backend.
+ * lb_forward - a TCP/UDP packet from a local pod to a frontend: DNAT it towards its flow's backend.
  * Return: the reason; sets pkt->redirect_back for hairpin and reject.
  */
 static __always_inline int lb_forward(struct __sk_buff *skb, struct packet *pkt,
@@ -126,28 +177,50 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct packet *pkt,
 	struct ct_key key = {};
 	struct ct_value flow = {};
 	struct ct_value *ct;
+	struct lb_set set = lb_set_for_pod(fe);
 	__u64 now = bpf_ktime_get_ns();
-	int reason, err;
+	__u64 update = BPF_NOEXIST;
+	__be32 saddr = pkt->saddr, daddr = pkt->daddr;
+	int reason = 0, err;
 
 	ct_key_of(pkt, &key);
-	ct = bpf_map_lookup_elem(&sl_ct_v1, &key);
-	if (ct && ct->type == CT_TYPE_FWD && !ct_is_port_reuse(&key, ct, pkt)) {
-		ct_touch(ct, pkt, now);
-		flow = *ct;
-		reason = REASON_NAT_ESTABLISHED;
-	} else {
-		if (fe->backend_count == 0)
+	ct = bpf_map_lookup_elem(&sl_ct_v2, &key);
+	if (ct && ct->type == CT_TYPE_FWD) {
+		struct ct_flow f = ct_flow_of(&key, ct);
+
+		if (is_tcp_syn(pkt) && ct_ended(f.a, f.b)) {
+			reason = REASON_FLOW_REPLACED; /* the port is reused: a new flow */
+		} else if (pkt->proto == IPPROTO_UDP && ct->gen != fe->gen) {
+			if ((ct->set_id == fe->cluster_id || ct->set_id == fe->local_id) &&
+			    lb_member(ct->set_id, ct->nat_daddr, ct->nat_dport))
+				ct->gen = fe->gen;
+			else
+				reason = REASON_UDP_REBALANCED; /* kube-proxy's stale UDP flow cleanup */
+		}
+		if (reason) {
+			ct_delete_flow(&key, ct);
+		} else {
+			ct_touch(ct, pkt, 0, now);
+			flow = *ct;
+			reason = f.half && ct_repair_reverse(&key, ct, now) ? REASON_CT_REPAIRED
+									  : REASON_NAT_ESTABLISHED;
+		}
+	} else if (ct) {
+		update = BPF_ANY; /* not a forward leg (cannot be a live flow's): replace it */
+	}
+	if (!flow.type) {
+		if (set.count == 0)
 			return reject_port_unreachable(skb, pkt);
-		/* A reused port overwrites its ended flow; otherwise the first CPU to insert wins. */
-		reason = lb_new_flow(fe, pkt, now, &flow, ct ? BPF_ANY : BPF_NOEXIST);
+		reason = lb_new_flow(fe, set, pkt, now, &flow, update, reason);
 		if (reason >= REASON_FIRST_DROP)
 			return reason;
 	}
 
-	counter_add(&sl_svc_v1, fe->svc_id, pkt->len);
-	err = nat_apply(skb, pkt, &flow);
+	counter_add(&sl_svc_v1, fe->cluster_id, pkt->len);
+	err = nat_apply(skb, pkt, nat_of(&flow));
 	if (err)
 		return err;
+	frag_remember(pkt, saddr, daddr);
 	if (flow.flags & CT_F_HAIRPIN) {
 		pkt->redirect_back = 1;
 		if (reason == REASON_NAT_NEW)

@@ -11,14 +11,16 @@
 
 /**
  * parse_packet - fill @pkt from @skb.
- * Return: CONTINUE for IPv4 worth looking at (fragments included, flagged), else the reason that
- * ends processing (non-IPv4 passes; malformed or truncated IPv4 drops).
+ * Return: CONTINUE for IPv4 worth looking at (fragments included, marked), else the reason that
+ * ends processing (non-IPv4 passes; malformed or truncated IPv4 drops). A first fragment must
+ * hold the whole TCP/UDP header (RFC 1858: a tiny first fragment is an attack, not a packet).
  */
 static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pkt)
 {
 	struct iphdr ip;
 	__be16 h_proto;
 	__u32 ip_len, hdr_len;
+	__u16 frag_off;
 
 	pkt->len = skb->len;
 	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &h_proto, sizeof(h_proto)) < 0)
@@ -44,16 +46,20 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 	pkt->saddr = ip.saddr;
 	pkt->daddr = ip.daddr;
 	pkt->proto = ip.protocol;
-	if (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET)) {
-		pkt->is_frag = 1;
+	pkt->ip_id = ip.id;
+	frag_off = bpf_ntohs(ip.frag_off);
+	if (frag_off & IP_OFFSET) {
+		pkt->frag = FRAG_LATER;
 		return CONTINUE;
 	}
+	if (frag_off & IP_MF)
+		pkt->frag = FRAG_FIRST;
 
 	if (ip.protocol == IPPROTO_TCP) {
 		__u8 hdr[14]; /* ports, seq, ack, data offset, flags */
 
 		if (ip_len < hdr_len + TCP_HDR_MIN)
-			return REASON_DROP_TRUNCATED;
+			return pkt->frag ? REASON_DROP_MALFORMED : REASON_DROP_TRUNCATED;
 		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
 			return REASON_DROP_TRUNCATED;
 		__builtin_memcpy(&pkt->sport, hdr, 2);
@@ -63,7 +69,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 		__be16 ports[2];
 
 		if (ip_len < hdr_len + UDP_HDR_LEN)
-			return REASON_DROP_TRUNCATED;
+			return pkt->frag ? REASON_DROP_MALFORMED : REASON_DROP_TRUNCATED;
 		if (bpf_skb_load_bytes(skb, pkt->l4_off, ports, sizeof(ports)) < 0)
 			return REASON_DROP_TRUNCATED;
 		pkt->sport = ports[0];

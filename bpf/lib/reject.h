@@ -19,6 +19,8 @@
  */
 #define QUOTE_UDP         8
 #define QUOTE_TCP         20
+#define QUOTE_CSUM_UDP    6
+#define QUOTE_CSUM_TCP    16
 
 struct icmp_unreach_hdr {
 	__u8   type;
@@ -34,11 +36,37 @@ struct icmp_reject {
 	__u8 quote[IP_HDR_MAX_LEN + QUOTE_TCP];
 };
 
-static __always_inline __sum16 csum_fold32(__u32 csum)
+static __always_inline __u32 csum_fold16(__u32 csum)
 {
 	csum = (csum & 0xffff) + (csum >> 16);
 	csum = (csum & 0xffff) + (csum >> 16);
-	return (__sum16)~csum;
+	return csum;
+}
+
+static __always_inline __sum16 csum_fold32(__u32 csum)
+{
+	return (__sum16)~csum_fold16(csum);
+}
+
+/*
+ * The value for the quoted L4 checksum field that checksum completion leaves as it is.
+ *
+ * A SYN sent with checksum offload is CHECKSUM_PARTIAL: the kernel still has to sum the L4 bytes
+ * from csum_start and store the result in the checksum field. Rewriting the packet into an ICMP
+ * error keeps that state, and csum_start still points at the (now quoted) L4 header: a device
+ * without TX checksum offload (or skb_checksum_help anywhere on the way) would overwrite the
+ * quote's field and break the ICMP checksum. No BPF helper can clear CHECKSUM_PARTIAL, so the
+ * field is given the one value F with fold(S + F) = ~F (S: the sum of the quoted L4 bytes without
+ * it): completing it again writes F, and the ICMP is valid whether or not anything completes it.
+ * S + 2F = 0 (mod 0xffff), so F = (0xffff - S) / 2 = (0xffff - S) * 0x8000 (mod 0xffff); 0 is
+ * written as 0xffff (CSUM_MANGLED_0), which is the same number in one's complement.
+ */
+static __always_inline __u16 csum_fixed_point(__u32 sum_without_field)
+{
+	__u32 s = csum_fold16(sum_without_field);
+	__u32 f = ((0xffff - s) * 0x8000U) % 0xffff;
+
+	return f ? (__u16)f : 0xffff;
 }
 
 /**
@@ -51,14 +79,34 @@ static __always_inline __sum16 csum_fold32(__u32 csum)
 static __always_inline int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
 {
 	struct icmp_reject r = {};
-	/* parse_packet guarantees 5 <= ihl <= 15 and a full TCP/UDP header after it; the mask also
-	 * bounds the lengths below for the verifier. */
-	__u32 quote_len = (pkt->ihl & 0xf) * 4 + (pkt->proto == IPPROTO_TCP ? QUOTE_TCP : QUOTE_UDP);
+	__u8 l4[QUOTE_TCP] = {};
+	/* parse_packet guarantees 5 <= ihl <= 15 and a full TCP/UDP header after it; the masks also
+	 * bound the lengths below for the verifier. */
+	__u32 ip_hlen = (pkt->ihl & 0xf) * 4;
+	int tcp = pkt->proto == IPPROTO_TCP;
+	__u32 l4_len = tcp ? QUOTE_TCP : QUOTE_UDP;
+	__u32 csum_at = tcp ? QUOTE_CSUM_TCP : QUOTE_CSUM_UDP;
+	__u32 quote_len = ip_hlen + l4_len;
 	__u32 len = sizeof(r.ip) + sizeof(r.icmp) + quote_len;
+	__u16 field;
 	__s64 sum;
 
 	if (bpf_skb_load_bytes(skb, IP_OFF, r.quote, quote_len) < 0)
 		return REASON_DROP_NO_BACKEND;
+	if (tcp ? bpf_skb_load_bytes(skb, pkt->l4_off, l4, QUOTE_TCP)
+		: bpf_skb_load_bytes(skb, pkt->l4_off, l4, QUOTE_UDP))
+		return REASON_DROP_NO_BACKEND;
+	/* The quoted L4 checksum field: see csum_fixed_point. */
+	l4[csum_at] = l4[csum_at + 1] = 0;
+	sum = tcp ? bpf_csum_diff(0, 0, (__be32 *)l4, QUOTE_TCP, 0)
+		  : bpf_csum_diff(0, 0, (__be32 *)l4, QUOTE_UDP, 0);
+	if (sum < 0)
+		return REASON_DROP_NO_BACKEND;
+	field = bpf_htons(csum_fixed_point((__u32)sum));
+	if (ip_hlen + csum_at + 2 > sizeof(r.quote))
+		return REASON_DROP_NO_BACKEND;
+	__builtin_memcpy(&r.quote[ip_hlen + csum_at], &field, 2);
+
 	/* Keep Ethernet + the quote, then open room for the new IP and ICMP headers before it. */
 	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0) < 0)
 		return REASON_DROP_NO_BACKEND;

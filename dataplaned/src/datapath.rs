@@ -21,6 +21,7 @@ use sluice_core::bpf::pod_veth::types;
 use sluice_core::bpf::pod_veth::PodVethSkelBuilder;
 
 use crate::pod::{as_bytes, from_bytes};
+use crate::services::conntrack::Timeouts;
 
 /// How programs are attached to a veth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +73,8 @@ pub struct MapSizes {
     pub conntrack: u32,
     pub affinity: u32,
     pub pods: u32,
+    pub fragments: u32,
+    pub nodes: u32,
 }
 
 impl Default for MapSizes {
@@ -82,10 +85,20 @@ impl Default for MapSizes {
             conntrack: 524288,
             affinity: 65536,
             pods: 16384,
+            fragments: 8192,
+            nodes: 4096,
         }
     }
 }
 
+impl MapSizes {
+    /// Backend set ids: every service port has two sets (cluster-wide and node-local).
+    pub fn set_ids(&self) -> u32 {
+        self.frontends.saturating_mul(2)
+    }
+}
+
+/// What the datapath is told at load (bpf/config.h .rodata).
 #[derive(Debug, Clone)]
 pub struct DatapathConfig {
     pub bpffs: PathBuf,
@@ -93,6 +106,9 @@ pub struct DatapathConfig {
     pub sizes: MapSizes,
     pub hairpin_addr: Ipv4Addr,
     pub ct_refresh: Duration,
+    pub ct_timeouts: Timeouts,
+    /// Translated source ports come from this range (inclusive).
+    pub xlate_ports: (u16, u16),
 }
 
 /// Handles on every shared map (names carry the layout version; see bpf/maps.h).
@@ -100,11 +116,17 @@ pub struct Maps {
     pub frontends: MapHandle,
     pub vips: MapHandle,
     pub backends: MapHandle,
+    pub members: MapHandle,
     pub conntrack: MapHandle,
     pub affinity: MapHandle,
+    pub fragments: MapHandle,
     pub pods: MapHandle,
+    pub nodes: MapHandle,
     pub reasons: MapHandle,
+    pub ct_events: MapHandle,
     pub services: MapHandle,
+    /// max_entries of the conntrack map (for occupancy).
+    pub conntrack_size: u32,
 }
 
 pub struct Datapath {
@@ -217,14 +239,18 @@ impl Datapath {
             })*};
         }
         prepare!(
-            sl_fe_v1 => Some(s.frontends),
+            sl_fe_v2 => Some(s.frontends),
             sl_vip_v1 => Some(s.frontends),
-            sl_be_v1 => Some(s.backends),
-            sl_ct_v1 => Some(s.conntrack),
+            sl_be_v2 => Some(s.backends),
+            sl_bm_v1 => Some(s.backends),
+            sl_ct_v2 => Some(s.conntrack),
             sl_aff_v1 => Some(s.affinity),
-            sl_pod_v1 => Some(s.pods),
-            sl_rsn_v1 => None::<u32>,
-            sl_svc_v1 => Some(s.frontends),
+            sl_frag_v1 => Some(s.fragments),
+            sl_pod_v2 => Some(s.pods),
+            sl_node_v1 => Some(s.nodes),
+            sl_rsn_v2 => None::<u32>,
+            sl_ctev_v1 => None::<u32>,
+            sl_svc_v1 => Some(s.set_ids()),
         );
 
         let rodata = open
@@ -232,8 +258,19 @@ impl Datapath {
             .rodata_data
             .as_deref_mut()
             .context("BPF object without .rodata")?;
+        let ns = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+        let t = &cfg.ct_timeouts;
         rodata.hairpin_addr = u32::from(cfg.hairpin_addr).to_be();
-        rodata.ct_refresh_ns = cfg.ct_refresh.as_nanos() as u64;
+        rodata.ct_refresh_ns = ns(cfg.ct_refresh);
+        rodata.ct_syn_ns = ns(t.syn);
+        rodata.ct_established_ns = ns(t.established);
+        rodata.ct_fin_ns = ns(t.fin);
+        rodata.ct_closed_ns = ns(t.closed);
+        rodata.ct_rst_ns = ns(t.rst);
+        rodata.ct_udp_ns = ns(t.udp);
+        rodata.ct_udp_stream_ns = ns(t.udp_stream);
+        rodata.xlate_port_min = cfg.xlate_ports.0;
+        rodata.xlate_port_max = cfg.xlate_ports.1;
         if cfg.mode == AttachMode::Tcx {
             open.progs
                 .from_pod
@@ -264,15 +301,22 @@ impl Datapath {
             MapHandle::from_pinned_path(&pin).with_context(|| format!("opening {}", pin.display()))
         };
         let maps = Maps {
-            frontends: open_pin("sl_fe_v1")?,
+            frontends: open_pin("sl_fe_v2")?,
             vips: open_pin("sl_vip_v1")?,
-            backends: open_pin("sl_be_v1")?,
-            conntrack: open_pin("sl_ct_v1")?,
+            backends: open_pin("sl_be_v2")?,
+            members: open_pin("sl_bm_v1")?,
+            conntrack: open_pin("sl_ct_v2")?,
             affinity: open_pin("sl_aff_v1")?,
-            pods: open_pin("sl_pod_v1")?,
-            reasons: open_pin("sl_rsn_v1")?,
+            fragments: open_pin("sl_frag_v1")?,
+            pods: open_pin("sl_pod_v2")?,
+            nodes: open_pin("sl_node_v1")?,
+            reasons: open_pin("sl_rsn_v2")?,
+            ct_events: open_pin("sl_ctev_v1")?,
             services: open_pin("sl_svc_v1")?,
+            conntrack_size: s.conntrack,
         };
+        // Maps of an older layout: their programs are replaced when the pods are re-adopted.
+        drop_old_layouts(&maps_dir);
         Ok(Datapath {
             bpffs: cfg.bpffs.clone(),
             mode: cfg.mode,
@@ -293,7 +337,8 @@ impl Datapath {
             .join(format!("{host_ifname}-{dir}"))
     }
 
-    /// Attaches (or re-adopts) both programs on a host-side veth and creates its counters.
+    /// Attaches (or re-adopts) both programs on a host-side veth and creates its counters and
+    /// source-address entry (`pod_addr`: the only source the pod may send from).
     /// Idempotent: an existing attachment gets the current programs, atomically. `previous` is the
     /// mode the interface was attached with before (a daemon restarted in another mode removes the
     /// old attachment so programs never run twice).
@@ -302,6 +347,7 @@ impl Datapath {
         host_ifname: &str,
         ifindex: u32,
         previous: Option<AttachMode>,
+        pod_addr: Ipv4Addr,
     ) -> Result<()> {
         match self.mode {
             AttachMode::Tcx => {
@@ -337,17 +383,36 @@ impl Datapath {
                 }
             }
         }
-        let zero =
-            vec![as_bytes(&types::pod_stats::default()).to_vec(); libbpf_rs::num_possible_cpus()?];
-        if let Err(e) = self
+        self.set_pod_entry(ifindex, pod_addr)
+            .context("creating the pod's counters")
+    }
+
+    /// Creates the pod's entry, or sets its address in every CPU's copy keeping the counters.
+    fn set_pod_entry(&self, ifindex: u32, pod_addr: Ipv4Addr) -> Result<()> {
+        let addr = u32::from(pod_addr).to_be();
+        let cpus = libbpf_rs::num_possible_cpus()?;
+        let mut per_cpu: Vec<Vec<u8>> = match self
             .maps
             .pods
-            .update_percpu(as_bytes(&ifindex), &zero, MapFlags::NO_EXIST)
+            .lookup_percpu(as_bytes(&ifindex), MapFlags::ANY)?
         {
-            if e.kind() != libbpf_rs::ErrorKind::AlreadyExists {
-                return Err(e).context("creating the pod's counters");
-            }
+            Some(v) => v,
+            None => vec![as_bytes(&types::pod_info::default()).to_vec(); cpus],
+        };
+        if per_cpu
+            .iter()
+            .all(|v| from_bytes::<types::pod_info>(v).addr == addr)
+        {
+            return Ok(());
         }
+        for v in &mut per_cpu {
+            let mut p: types::pod_info = from_bytes(v);
+            p.addr = addr;
+            *v = as_bytes(&p).to_vec();
+        }
+        self.maps
+            .pods
+            .update_percpu(as_bytes(&ifindex), &per_cpu, MapFlags::ANY)?;
         Ok(())
     }
 
@@ -449,15 +514,15 @@ impl Datapath {
     }
 
     /// Sums a pod's per-CPU counters.
-    pub fn pod_counters(&self, ifindex: u32) -> types::pod_stats {
-        let mut sum = types::pod_stats::default();
+    pub fn pod_counters(&self, ifindex: u32) -> types::pod_info {
+        let mut sum = types::pod_info::default();
         if let Ok(Some(per_cpu)) = self
             .maps
             .pods
             .lookup_percpu(as_bytes(&ifindex), MapFlags::ANY)
         {
             for v in per_cpu {
-                let s: types::pod_stats = from_bytes(&v);
+                let s: types::pod_info = from_bytes(&v);
                 sum.rx_packets += s.rx_packets;
                 sum.rx_bytes += s.rx_bytes;
                 sum.tx_packets += s.tx_packets;
@@ -533,13 +598,41 @@ pub fn reason_name(r: u32) -> Option<&'static str> {
         R::REASON_NO_BACKEND => "no_backend_rejected",
         R::REASON_AFFINITY_HIT => "affinity_hit",
         R::REASON_REV_NAT_ICMP => "rev_nat_icmp",
+        R::REASON_NAT_FRAGMENT => "nat_fragment",
+        R::REASON_NAT_NEW_XLATE => "nat_new_port_translated",
+        R::REASON_DIRECT_NEW => "direct_new",
+        R::REASON_DIRECT_XLATE_NEW => "direct_new_port_translated",
+        R::REASON_XLATE => "port_translated",
+        R::REASON_CT_REPAIRED => "ct_repaired",
+        R::REASON_FLOW_REPLACED => "flow_replaced",
+        R::REASON_UDP_REBALANCED => "udp_rebalanced",
+        R::REASON_DIRECT => "direct",
         R::REASON_DROP_MALFORMED => "drop_malformed",
         R::REASON_DROP_TRUNCATED => "drop_truncated",
-        R::REASON_DROP_FRAG_TO_VIP => "drop_fragment_to_vip",
+        R::REASON_DROP_FRAG_ORPHAN => "drop_fragment_orphan",
         R::REASON_DROP_CT_CREATE => "drop_ct_create",
         R::REASON_DROP_REWRITE => "drop_rewrite",
         R::REASON_DROP_NO_BACKEND => "drop_no_backend",
         R::REASON_DROP_CT_COLLISION => "drop_ct_collision",
+        R::REASON_DROP_SPOOFED => "drop_spoofed",
         _ => return None,
     })
+}
+
+/// The reason counters' index space (enum reason's REASON_MAX).
+pub const REASON_MAX: u32 = types::reason::REASON_MAX.0;
+
+/// Pinned maps of layouts this daemon no longer uses (replaced by a newer version of the same
+/// map). Their content is not migrated: frontends and backends are rewritten from the objects
+/// before the programs are swapped; conntrack of a v1 datapath is lost (flows reconnect).
+const OLD_LAYOUTS: &[&str] = &["sl_fe_v1", "sl_be_v1", "sl_ct_v1", "sl_pod_v1", "sl_rsn_v1"];
+
+fn drop_old_layouts(maps_dir: &Path) {
+    for name in OLD_LAYOUTS {
+        let pin = maps_dir.join(name);
+        if pin.exists() {
+            tracing::warn!(pin = %pin.display(), "removing a map of an older layout");
+            let _ = std::fs::remove_file(&pin);
+        }
+    }
 }

@@ -44,8 +44,10 @@ pub struct Config {
     pub manifests: Option<PathBuf>,
     /// How often the manifests directory is checked for changes.
     pub manifests_poll: Duration,
-    /// Conntrack idle timeouts per state.
+    /// Conntrack idle timeouts per state (the datapath and the GC use the same).
     pub ct_timeouts: services::conntrack::Timeouts,
+    /// Source ports given to a flow whose reply tuple is taken (inclusive range).
+    pub xlate_ports: (u16, u16),
     /// How often expired conntrack entries are removed.
     pub ct_gc_interval: Duration,
 }
@@ -90,8 +92,13 @@ pub async fn run(
                 })
                 .await
                 {
-                    Ok(Ok(g)) if g.expired > 0 => {
-                        tracing::debug!(scanned = g.scanned, expired = g.expired, "conntrack gc")
+                    Ok(Ok(g)) if g.expired > 0 || g.repaired > 0 => {
+                        tracing::debug!(
+                            scanned = g.scanned,
+                            expired = g.expired,
+                            repaired = g.repaired,
+                            "conntrack gc"
+                        )
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "conntrack gc"),

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use libbpf_rs::MapCore;
 use sluice_core::proto::dataplane_server::Dataplane;
 use sluice_core::proto::*;
 use tonic::{Request, Response, Status};
@@ -85,6 +86,16 @@ fn ipam_status(e: IpamError) -> Status {
     match e {
         IpamError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
         _ => Status::internal(e.to_string()),
+    }
+}
+
+fn occupancy_view(o: conntrack::Occupancy) -> ConntrackOccupancy {
+    ConntrackOccupancy {
+        entries: o.entries,
+        capacity: o.capacity,
+        evictions: o.evictions,
+        created: o.created,
+        deleted: o.deleted,
     }
 }
 
@@ -173,8 +184,13 @@ impl Dataplane for Api {
             let idx = ifindex(&a.host_ifname).ok_or_else(|| {
                 Status::failed_precondition(format!("{} does not exist", a.host_ifname))
             })?;
-            dp.attach(&a.host_ifname, idx, AttachMode::from_name(&a.attach_mode))
-                .map_err(|e| Status::internal(format!("{e:#}")))?;
+            dp.attach(
+                &a.host_ifname,
+                idx,
+                AttachMode::from_name(&a.attach_mode),
+                a.ip,
+            )
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
             a.attached = true;
             a.host_ifindex = idx;
             a.attach_mode = dp.mode().name().to_string();
@@ -280,7 +296,7 @@ impl Dataplane for Api {
             let mut attachments: Vec<Attachment> =
                 s.ipam.all().map(|a| attachment(a, dp)).collect();
             attachments.sort_by(|a, b| (&a.ip, &a.container_id).cmp(&(&b.ip, &b.container_id)));
-            let reasons = (0..32u32)
+            let reasons = (0..crate::datapath::REASON_MAX)
                 .filter_map(|r| {
                     let name = reason_name(r)?;
                     let c = Datapath::counter(&dp.maps.reasons, r);
@@ -310,6 +326,10 @@ impl Dataplane for Api {
                 reasons,
                 free_ips: s.ipam.free_count(),
                 frontends,
+                conntrack: Some(occupancy_view(conntrack::occupancy(
+                    &dp.maps,
+                    dp.maps.conntrack.keys().count() as u64,
+                ))),
             }))
         })
         .await
@@ -333,13 +353,14 @@ impl Dataplane for Api {
         self.services(move |svc, dp| {
             let t = std::time::Instant::now();
             let (keys, st) = svc.apply(objs, &dp.maps).map_err(apply_status)?;
-            tracing::info!(objects = keys.len(), writes = st.map_writes(), flows_purged = st.flows_purged, source = %req.source,
+            tracing::info!(objects = keys.len(), writes = st.map_writes(), backends_left = st.backends_left, source = %req.source,
                 parse_ms = parsed.as_millis() as u64, apply_ms = t.elapsed().as_millis() as u64, "apply");
             Ok(Response::new(ObjectsReply {
                 objects: keys.iter().map(|k| k.to_string()).collect(),
                 not_found: vec![],
                 map_writes: st.map_writes() as u32,
-                flows_purged: st.flows_purged as u32,
+                flows_purged: 0,
+                backends_left: st.backends_left as u32,
             }))
         })
         .await
@@ -361,7 +382,8 @@ impl Dataplane for Api {
                 objects: removed.iter().map(|k| k.to_string()).collect(),
                 not_found: missing.iter().map(|k| k.to_string()).collect(),
                 map_writes: st.map_writes() as u32,
-                flows_purged: st.flows_purged as u32,
+                flows_purged: 0,
+                backends_left: st.backends_left as u32,
             }))
         })
         .await
@@ -443,9 +465,15 @@ impl Dataplane for Api {
                     service: names.get(&f.svc_id).cloned().unwrap_or_default(),
                     hairpin: f.hairpin,
                     has_reverse: f.has_reverse,
+                    kind: f.kind.to_string(),
+                    translated_port: f.translated_port.unwrap_or(0) as u32,
                 })
                 .collect(),
             entries: entries as u64,
+            occupancy: Some(occupancy_view(conntrack::occupancy(
+                &self.state.datapath.maps,
+                entries as u64,
+            ))),
         }))
     }
 }

@@ -53,12 +53,15 @@ impl State {
             sizes: config.map_sizes,
             hairpin_addr: config.hairpin_addr,
             ct_refresh: Duration::from_secs(1),
+            ct_timeouts: config.ct_timeouts,
+            xlate_ports: config.xlate_ports,
         })?;
         let services = Services::open(
             &config.state_dir,
             config.manifests.as_deref(),
             &datapath.maps,
             crate::services::Limits {
+                set_ids: config.map_sizes.set_ids(),
                 frontends: config.map_sizes.frontends,
                 backends: config.map_sizes.backends,
             },
@@ -100,9 +103,12 @@ impl State {
         for mut a in allocations {
             match ifindex(&a.host_ifname) {
                 Some(idx) if a.attached => {
-                    if let Err(e) =
-                        datapath.attach(&a.host_ifname, idx, AttachMode::from_name(&a.attach_mode))
-                    {
+                    if let Err(e) = datapath.attach(
+                        &a.host_ifname,
+                        idx,
+                        AttachMode::from_name(&a.attach_mode),
+                        a.ip,
+                    ) {
                         tracing::error!(error = %format!("{e:#}"), pod = %a.host_ifname, "re-adopting a pod failed");
                         continue;
                     }

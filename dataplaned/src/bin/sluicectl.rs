@@ -144,8 +144,8 @@ async fn objects(
                     println!("{o} not found");
                 }
                 println!(
-                    "({} map writes, {} flows purged)",
-                    r.map_writes, r.flows_purged
+                    "({} map writes, {} backends left their sets)",
+                    r.map_writes, r.backends_left
                 );
             }
             Err(s) => {
@@ -253,21 +253,56 @@ async fn conntrack(client: &mut DataplaneClient<Channel>, out: Output) -> Result
         return Ok(());
     }
     println!(
-        "{:<5} {:<22} {:<22} {:<22} {:<12} {:>6} {:>6}  SERVICE",
-        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE", "AGE", "IDLE"
+        "{:<5} {:<10} {:<22} {:<22} {:<22} {:<12} {:>6} {:>6}  SERVICE",
+        "PROTO", "KIND", "CLIENT", "FRONTEND", "BACKEND", "STATE", "AGE", "IDLE"
     );
     for f in &list.flows {
         let mut state = f.state.clone();
         if f.hairpin {
             state.push_str("+hp");
         }
+        if !f.has_reverse {
+            state.push_str("+half");
+        }
+        let client = if f.translated_port != 0 {
+            format!("{}>{}", f.client, f.translated_port)
+        } else {
+            f.client.clone()
+        };
         println!(
-            "{:<5} {:<22} {:<22} {:<22} {:<12} {:>5}s {:>5}s  {}",
-            f.protocol, f.client, f.frontend, f.backend, state, f.age_secs, f.idle_secs, f.service
+            "{:<5} {:<10} {:<22} {:<22} {:<22} {:<12} {:>5}s {:>5}s  {}",
+            f.protocol,
+            f.kind,
+            client,
+            if f.frontend.is_empty() {
+                "-"
+            } else {
+                &f.frontend
+            },
+            f.backend,
+            state,
+            f.age_secs,
+            f.idle_secs,
+            f.service
         );
     }
     println!("({} flows, {} map entries)", list.flows.len(), list.entries);
+    if let Some(o) = &list.occupancy {
+        print_occupancy(o);
+    }
     Ok(())
+}
+
+fn print_occupancy(o: &sluice_core::proto::ConntrackOccupancy) {
+    println!(
+        "conntrack: {} of {} entries ({:.1}%), {} evicted (estimated), {} created, {} deleted",
+        o.entries,
+        o.capacity,
+        100.0 * o.entries as f64 / o.capacity.max(1) as f64,
+        o.evictions,
+        o.created,
+        o.deleted
+    );
 }
 
 async fn status(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()> {
@@ -288,6 +323,9 @@ async fn status(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()
         "pod CIDR {} ({} free), attach mode {}, {} service frontends",
         s.pod_cidr, s.free_ips, s.attach_mode, s.frontends
     );
+    if let Some(o) = &s.conntrack {
+        print_occupancy(o);
+    }
     println!("\nprograms:");
     for p in &s.programs {
         println!("  {:<10} id {:<6} {}", p.name, p.id, p.pinned);

@@ -61,20 +61,30 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
     /// Conntrack: idle seconds before an unanswered TCP SYN flow expires
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 60)]
     ct_timeout_syn: u64,
-    /// Conntrack: idle seconds before an established TCP flow expires
-    #[arg(long, default_value_t = 3600)]
+    /// Conntrack: idle seconds before an established TCP flow expires (kube-proxy: 24 h)
+    #[arg(long, default_value_t = 86400)]
     ct_timeout_established: u64,
-    /// Conntrack: idle seconds before a TCP flow that saw FIN expires
-    #[arg(long, default_value_t = 30)]
+    /// Conntrack: idle seconds before a half-closed TCP flow (FIN from one side) expires
+    #[arg(long, default_value_t = 3600)]
     ct_timeout_fin: u64,
+    /// Conntrack: idle seconds before a TCP flow closed by both sides expires
+    #[arg(long, default_value_t = 10)]
+    ct_timeout_closed: u64,
     /// Conntrack: idle seconds before a TCP flow that saw RST expires
     #[arg(long, default_value_t = 10)]
     ct_timeout_rst: u64,
-    /// Conntrack: idle seconds before a UDP flow expires
-    #[arg(long, default_value_t = 60)]
+    /// Conntrack: idle seconds before a UDP flow with no reply yet expires
+    #[arg(long, default_value_t = 30)]
     ct_timeout_udp: u64,
+    /// Conntrack: idle seconds before a UDP flow seen both ways expires
+    #[arg(long, default_value_t = 120)]
+    ct_timeout_udp_stream: u64,
+    /// Source ports given to a new flow whose reply tuple belongs to a live flow (the kernel's
+    /// NAT does the same): outside ip_local_port_range and the NodePort range
+    #[arg(long, default_value = "20000-29999", value_parser = parse_port_range)]
+    ct_nat_ports: (u16, u16),
     /// Seconds between conntrack garbage-collection sweeps
     #[arg(long, default_value_t = 10)]
     ct_gc_interval: u64,
@@ -127,9 +137,12 @@ fn main() -> Result<()> {
             syn: Duration::from_secs(args.ct_timeout_syn),
             established: Duration::from_secs(args.ct_timeout_established),
             fin: Duration::from_secs(args.ct_timeout_fin),
+            closed: Duration::from_secs(args.ct_timeout_closed),
             rst: Duration::from_secs(args.ct_timeout_rst),
             udp: Duration::from_secs(args.ct_timeout_udp),
+            udp_stream: Duration::from_secs(args.ct_timeout_udp_stream),
         },
+        xlate_ports: args.ct_nat_ports,
         ct_gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -143,6 +156,20 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_file(socket);
         result
     })
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: want MIN-MAX"))?;
+    let a: u16 = a.parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b.parse().map_err(|_| format!("{b:?} is not a port"))?;
+    if a == 0 || a > b || b - a < 255 {
+        return Err(format!(
+            "{s:?}: want 1 <= MIN <= MAX with at least 256 ports"
+        ));
+    }
+    Ok((a, b))
 }
 
 async fn shutdown_signal() {

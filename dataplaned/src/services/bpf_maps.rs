@@ -17,7 +17,7 @@ pub struct BpfServiceMaps<'a> {
 
 pub fn fe_key(k: &FrontendKey) -> types::frontend_key {
     types::frontend_key {
-        vip: u32::from(k.vip).to_be(),
+        addr: u32::from(k.vip).to_be(),
         port: k.port.to_be(),
         proto: k.proto.number(),
         pad: 0,
@@ -43,17 +43,6 @@ pub fn dump<K: Copy + Default, V: Copy + Default>(map: &MapHandle) -> Result<Vec
     Ok(out)
 }
 
-fn delete_keys<K: Copy>(map: &MapHandle, keys: &[K]) -> Result<usize> {
-    let mut n = 0;
-    for k in keys {
-        // Gone already (LRU eviction, the datapath): fine.
-        if map.delete(as_bytes(k)).is_ok() {
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
 impl ServiceMaps for BpfServiceMaps<'_> {
     fn frontends(&self) -> Result<Vec<(FrontendKey, FrontendValue)>> {
         Ok(
@@ -63,15 +52,16 @@ impl ServiceMaps for BpfServiceMaps<'_> {
                     let proto = Proto::from_number(k.proto)?;
                     Some((
                         FrontendKey {
-                            vip: Ipv4Addr::from(u32::from_be(k.vip)),
+                            vip: Ipv4Addr::from(u32::from_be(k.addr)),
                             port: u16::from_be(k.port),
                             proto,
                         },
                         FrontendValue {
-                            svc_id: v.svc_id,
-                            count: v.backend_count,
+                            svc_id: v.cluster_id,
+                            count: v.cluster_count,
                             affinity_timeout: v.affinity_timeout,
                             affinity: v.flags.0 & types::frontend_flags::FE_F_AFFINITY.0 != 0,
+                            gen: v.gen,
                         },
                     ))
                 })
@@ -90,21 +80,34 @@ impl ServiceMaps for BpfServiceMaps<'_> {
         Ok(
             dump::<types::backend_key, types::backend_value>(&self.maps.backends)?
                 .into_iter()
-                .map(|(k, v)| (k.svc_id, k.slot, backend_of(v.addr, v.port)))
+                .map(|(k, v)| (k.set_id, k.slot, backend_of(v.addr, v.port)))
                 .collect(),
         )
     }
 
+    fn members(&self) -> Result<Vec<(u32, Backend)>> {
+        Ok(dump::<types::member_key, u32>(&self.maps.members)?
+            .into_iter()
+            .map(|(k, _)| (k.set_id, backend_of(k.addr, k.port)))
+            .collect())
+    }
+
     fn put_frontend(&mut self, k: &FrontendKey, v: &FrontendValue) -> Result<()> {
         let value = types::frontend_value {
-            svc_id: v.svc_id,
-            backend_count: v.count,
+            cluster_id: v.svc_id,
+            cluster_count: v.count,
+            // No node-local sets yet: the local set is the cluster set with nothing in it.
+            local_id: v.svc_id,
+            local_count: 0,
             affinity_timeout: v.affinity_timeout,
+            gen: v.gen,
             flags: types::frontend_flags(if v.affinity {
                 types::frontend_flags::FE_F_AFFINITY.0
             } else {
                 0
             }),
+            kind: types::frontend_kind::FE_KIND_CLUSTER_IP,
+            ..Default::default()
         };
         self.maps
             .frontends
@@ -131,11 +134,15 @@ impl ServiceMaps for BpfServiceMaps<'_> {
     }
 
     fn put_slot(&mut self, svc_id: u32, slot: u32, b: &Backend) -> Result<()> {
-        let k = types::backend_key { svc_id, slot };
+        let k = types::backend_key {
+            set_id: svc_id,
+            slot,
+        };
         let v = types::backend_value {
             addr: u32::from(b.ip).to_be(),
             port: b.port.to_be(),
             flags: 0,
+            node: 0,
         };
         self.maps
             .backends
@@ -144,31 +151,27 @@ impl ServiceMaps for BpfServiceMaps<'_> {
     }
 
     fn delete_slot(&mut self, svc_id: u32, slot: u32) -> Result<()> {
-        let _ = self
-            .maps
-            .backends
-            .delete(as_bytes(&types::backend_key { svc_id, slot }));
+        let _ = self.maps.backends.delete(as_bytes(&types::backend_key {
+            set_id: svc_id,
+            slot,
+        }));
         Ok(())
     }
 
-    fn purge_flows(&mut self, keep: &dyn Fn(u32, Backend) -> bool) -> Result<usize> {
-        let doomed: Vec<types::ct_key> =
-            dump::<types::ct_key, types::ct_value>(&self.maps.conntrack)?
-                .into_iter()
-                .filter(|(k, v)| !keep(v.svc_id, ct_backend(k, v)))
-                .map(|(k, _)| k)
-                .collect();
-        delete_keys(&self.maps.conntrack, &doomed)
+    fn put_member(&mut self, svc_id: u32, b: &Backend) -> Result<()> {
+        self.maps
+            .members
+            .update(
+                as_bytes(&member_key(svc_id, b)),
+                as_bytes(&1u32),
+                MapFlags::ANY,
+            )
+            .context("writing a backend set member")
     }
 
-    fn purge_affinity(&mut self, keep: &dyn Fn(u32, Backend) -> bool) -> Result<usize> {
-        let doomed: Vec<types::affinity_key> =
-            dump::<types::affinity_key, types::affinity_value>(&self.maps.affinity)?
-                .into_iter()
-                .filter(|(k, v)| !keep(k.svc_id, backend_of(v.addr, v.port)))
-                .map(|(k, _)| k)
-                .collect();
-        delete_keys(&self.maps.affinity, &doomed)
+    fn delete_member(&mut self, svc_id: u32, b: &Backend) -> Result<()> {
+        let _ = self.maps.members.delete(as_bytes(&member_key(svc_id, b)));
+        Ok(())
     }
 
     fn reset_counters(&mut self, svc_id: u32) -> Result<()> {
@@ -181,11 +184,11 @@ impl ServiceMaps for BpfServiceMaps<'_> {
     }
 }
 
-/// The backend of a conntrack entry: where the forward leg goes, where the reverse leg comes from.
-pub fn ct_backend(k: &types::ct_key, v: &types::ct_value) -> Backend {
-    if v.r#type == types::ct_type::CT_TYPE_FWD {
-        backend_of(v.nat_daddr, v.nat_dport)
-    } else {
-        backend_of(k.saddr, k.sport)
+fn member_key(set_id: u32, b: &Backend) -> types::member_key {
+    types::member_key {
+        set_id,
+        addr: u32::from(b.ip).to_be(),
+        port: b.port.to_be(),
+        pad: 0,
     }
 }

@@ -38,6 +38,8 @@ pub enum ApplyError {
 /// What the maps can hold (their max_entries).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Backend set ids (the per-service counter array's size).
+    pub set_ids: u32,
     pub frontends: u32,
     pub backends: u32,
 }
@@ -107,7 +109,7 @@ impl Services {
         limits: Limits,
     ) -> Result<Services> {
         let store = ObjectStore::open(&state_dir.join("objects"), manifests)?;
-        let writer = Writer::load(&BpfServiceMaps { maps }, limits.frontends)?;
+        let writer = Writer::load(&BpfServiceMaps { maps }, limits.set_ids)?;
         let mut s = Services {
             store,
             writer,
@@ -119,7 +121,7 @@ impl Services {
             Ok(st) => tracing::info!(
                 frontends = s.desired.frontends.len(),
                 writes = st.map_writes(),
-                flows_purged = st.flows_purged,
+                backends_left = st.backends_left,
                 "services in sync"
             ),
             Err(e) => {
@@ -220,7 +222,7 @@ impl Services {
             let st = self.sync_to(desired, maps)?;
             tracing::info!(
                 writes = st.map_writes(),
-                flows_purged = st.flows_purged,
+                backends_left = st.backends_left,
                 "manifests changed: services resynced"
             );
         }

@@ -3,9 +3,11 @@
 //! A Service port becomes a backend set (its ready endpoints, with the port resolved through the
 //! EndpointSlices) and one frontend per IPv4 cluster IP. Rules (kube-proxy's):
 //! - ExternalName and headless (clusterIP None) Services get no frontend; IPv6 is not handled yet.
-//! - New flows go to endpoints that are ready (unset = ready) and not terminating. Every listed
-//!   endpoint (ready, not ready, serving+terminating) keeps its existing flows; an endpoint that
-//!   disappears from every slice loses them.
+//! - New flows go to endpoints that are ready (`ready` unset = true), terminating or not; when none
+//!   is, to those that are serving and terminating (`serving` unset = true, `terminating` unset =
+//!   false), as kube-proxy's CategorizeEndpoints does. Established TCP flows are never cut by an
+//!   endpoint change; UDP flows to an endpoint that stops receiving new flows move on (the
+//!   datapath re-checks them; see writer.rs).
 //! - The backend port: the slice port with the Service port's name (Kubernetes names slice ports
 //!   that way), else one named like a string targetPort, else a numeric targetPort, else the port.
 //! - sessionAffinity ClientIP: timeoutSeconds, default 10800.
@@ -96,15 +98,21 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
-    /// Gets new flows.
+    /// Gets new flows when any endpoint is ready.
     pub fn usable(&self) -> bool {
-        self.ready && !self.terminating
+        self.ready
+    }
+
+    /// Gets new flows when no endpoint is ready.
+    pub fn fallback(&self) -> bool {
+        !self.ready && self.serving && self.terminating
     }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct BackendSet {
-    /// Receive new flows (sorted, distinct).
+    /// Receive new flows (sorted, distinct): the ready endpoints, or if there are none the
+    /// serving+terminating ones.
     pub ready: Vec<Backend>,
     /// Keep their existing flows: every listed endpoint.
     pub present: BTreeSet<Backend>,
@@ -232,7 +240,7 @@ pub fn desired<'a>(
                             port,
                         },
                         ready,
-                        serving: c.serving.unwrap_or(ready),
+                        serving: c.serving.unwrap_or(true),
                         terminating: c.terminating.unwrap_or(false),
                         node: ep.node_name.clone(),
                     };
@@ -244,7 +252,9 @@ pub fn desired<'a>(
                             backend: b,
                             ..state.clone()
                         });
-                        if state.usable() && !e.usable() {
+                        if (state.usable() && !e.usable())
+                            || (state.fallback() && !e.usable() && !e.fallback())
+                        {
                             *e = EndpointState {
                                 backend: b,
                                 ..state.clone()
@@ -254,10 +264,11 @@ pub fn desired<'a>(
                 }
             }
             let endpoints: Vec<EndpointState> = endpoints.into_values().collect();
+            let any_ready = endpoints.iter().any(EndpointState::usable);
             let backend_set = BackendSet {
                 ready: endpoints
                     .iter()
-                    .filter(|e| e.usable())
+                    .filter(|e| if any_ready { e.usable() } else { e.fallback() })
                     .map(|e| e.backend)
                     .collect(),
                 present: endpoints.iter().map(|e| e.backend).collect(),

@@ -1,7 +1,14 @@
 //! Desired state → BPF maps, incrementally. The writer mirrors what the maps hold and writes only
-//! differences: a change to one endpoint touches that backend set's slots and its frontends'
-//! counts, nothing else. Order keeps the datapath consistent at every instant: slots are written
-//! before a frontend's count grows, and deleted only after it shrank.
+//! differences: a change to one endpoint touches that backend set's slots, its membership entry and
+//! its frontends' counts, nothing else. Order keeps the datapath consistent at every instant:
+//! members and slots are written before a frontend's count grows; a leaving backend's member entry
+//! goes before the frontend's generation is bumped (so a UDP flow that re-checks it sees it gone),
+//! and its slot only after the count shrank.
+//!
+//! No conntrack or affinity scan happens here: established TCP flows to a backend that left keep
+//! going (as with kube-proxy), UDP flows re-check their backend's membership when the frontend's
+//! generation changed and move on (kube-proxy's stale-UDP cleanup), and affinity entries are
+//! checked against membership when used.
 //!
 //! It talks to the maps through [`ServiceMaps`], so the diff logic is tested without a kernel.
 
@@ -19,24 +26,25 @@ pub struct FrontendValue {
     pub count: u32,
     pub affinity_timeout: u32,
     pub affinity: bool,
+    /// Bumped whenever a backend leaves the set.
+    pub gen: u32,
 }
 
 /// The operations the writer needs from the service maps.
 pub trait ServiceMaps {
     fn frontends(&self) -> Result<Vec<(FrontendKey, FrontendValue)>>;
-    /// VIPs with a marker entry ({vip, 0, 0}: fragments to them are dropped).
+    /// VIPs with a marker entry (fragments to them without a known first fragment are dropped).
     fn markers(&self) -> Result<Vec<Ipv4Addr>>;
     fn slots(&self) -> Result<Vec<(u32, u32, Backend)>>;
+    fn members(&self) -> Result<Vec<(u32, Backend)>>;
     fn put_frontend(&mut self, k: &FrontendKey, v: &FrontendValue) -> Result<()>;
     fn delete_frontend(&mut self, k: &FrontendKey) -> Result<()>;
     fn put_marker(&mut self, vip: Ipv4Addr) -> Result<()>;
     fn delete_marker(&mut self, vip: Ipv4Addr) -> Result<()>;
     fn put_slot(&mut self, svc_id: u32, slot: u32, b: &Backend) -> Result<()>;
     fn delete_slot(&mut self, svc_id: u32, slot: u32) -> Result<()>;
-    /// Deletes conntrack entries for which `keep(svc_id, backend)` is false; returns how many.
-    fn purge_flows(&mut self, keep: &dyn Fn(u32, Backend) -> bool) -> Result<usize>;
-    /// Deletes affinity entries for which `keep(svc_id, backend)` is false; returns how many.
-    fn purge_affinity(&mut self, keep: &dyn Fn(u32, Backend) -> bool) -> Result<usize>;
+    fn put_member(&mut self, svc_id: u32, b: &Backend) -> Result<()>;
+    fn delete_member(&mut self, svc_id: u32, b: &Backend) -> Result<()>;
     /// Zeroes a service id's packet counters (the id is being given to another backend set).
     fn reset_counters(&mut self, svc_id: u32) -> Result<()>;
 }
@@ -48,9 +56,10 @@ pub struct SyncStats {
     pub frontend_deletes: usize,
     pub slot_writes: usize,
     pub slot_deletes: usize,
+    pub member_writes: usize,
     pub marker_writes: usize,
-    pub flows_purged: usize,
-    pub affinity_purged: usize,
+    /// Backends that left a set (their UDP flows move on, TCP flows finish).
+    pub backends_left: usize,
 }
 
 impl SyncStats {
@@ -59,6 +68,7 @@ impl SyncStats {
             + self.frontend_deletes
             + self.slot_writes
             + self.slot_deletes
+            + self.member_writes
             + self.marker_writes
     }
 }
@@ -67,12 +77,11 @@ pub struct Writer {
     frontends: BTreeMap<FrontendKey, FrontendValue>,
     markers: BTreeSet<Ipv4Addr>,
     slots: HashMap<u32, Vec<Backend>>,
+    members: HashMap<u32, BTreeSet<Backend>>,
+    gens: HashMap<u32, u32>,
     ids: HashMap<SetKey, u32>,
-    present: HashMap<u32, BTreeSet<Backend>>,
-    ready: HashMap<u32, BTreeSet<Backend>>,
     names: HashMap<u32, SetKey>,
     max_ids: u32,
-    synced_once: bool,
 }
 
 impl Writer {
@@ -93,16 +102,24 @@ impl Writer {
             .into_iter()
             .map(|(id, v)| (id, v.into_iter().map_while(|b| b).collect::<Vec<_>>()))
             .collect();
+        let mut members: HashMap<u32, BTreeSet<Backend>> = HashMap::new();
+        for (id, b) in maps.members()? {
+            members.entry(id).or_default().insert(b);
+        }
+        let mut gens: HashMap<u32, u32> = HashMap::new();
+        for f in frontends.values() {
+            let g = gens.entry(f.svc_id).or_default();
+            *g = (*g).max(f.gen);
+        }
         Ok(Writer {
             frontends,
             markers: maps.markers()?.into_iter().collect(),
             slots,
+            members,
+            gens,
             ids: HashMap::new(),
-            present: HashMap::new(),
-            ready: HashMap::new(),
             names: HashMap::new(),
             max_ids,
-            synced_once: false,
         })
     }
 
@@ -162,12 +179,28 @@ impl Writer {
             .map(|(set, id)| (*id, set.clone()))
             .collect();
 
-        // 2. Slots: minimal moves; growth is invisible until the count is raised.
+        // 2. Members and slots: minimal moves; growth is invisible until the count is raised.
         let mut shrink: Vec<(u32, u32, u32)> = Vec::new();
-        let mut lost_present = false;
-        let mut lost_ready = false;
         for (set, bs) in &d.sets {
             let id = self.ids[set];
+            let want: BTreeSet<Backend> = bs.ready.iter().copied().collect();
+            let have = self.members.entry(id).or_default();
+            for b in want.difference(&have.clone()) {
+                maps.put_member(id, b)?;
+                have.insert(*b);
+                st.member_writes += 1;
+            }
+            let left: Vec<Backend> = have.difference(&want).copied().collect();
+            for b in &left {
+                maps.delete_member(id, b)?;
+                have.remove(b);
+                st.member_writes += 1;
+            }
+            if !left.is_empty() {
+                st.backends_left += left.len();
+                let g = self.gens.entry(id).or_default();
+                *g = g.wrapping_add(1);
+            }
             let old = self.slots.get(&id).cloned().unwrap_or_default();
             let new = plan(&old, &bs.ready);
             for (i, b) in new.iter().enumerate() {
@@ -179,15 +212,6 @@ impl Writer {
             if new.len() < old.len() {
                 shrink.push((id, new.len() as u32, old.len() as u32));
             }
-            let ready: BTreeSet<Backend> = bs.ready.iter().copied().collect();
-            if let Some(prev) = self.present.get(&id) {
-                lost_present |= !prev.is_subset(&bs.present);
-            }
-            if let Some(prev) = self.ready.get(&id) {
-                lost_ready |= !prev.is_subset(&ready);
-            }
-            self.present.insert(id, bs.present.clone());
-            self.ready.insert(id, ready);
             self.slots.insert(id, new);
         }
 
@@ -199,6 +223,7 @@ impl Writer {
                 count: self.slots_of(id).len() as u32,
                 affinity_timeout: spec.affinity_timeout.unwrap_or(0),
                 affinity: spec.affinity_timeout.is_some(),
+                gen: self.gens.get(&id).copied().unwrap_or(0),
             };
             if self.frontends.get(fk) != Some(&v) {
                 maps.put_frontend(fk, &v)?;
@@ -235,37 +260,29 @@ impl Writer {
         let dead: Vec<u32> = self
             .slots
             .keys()
+            .chain(self.members.keys())
             .filter(|id| !live.contains(id))
             .copied()
+            .collect::<BTreeSet<u32>>()
+            .into_iter()
             .collect();
         for id in dead {
-            for slot in 0..self.slots[&id].len() as u32 {
+            for slot in 0..self.slots_of(id).len() as u32 {
                 maps.delete_slot(id, slot)?;
                 st.slot_deletes += 1;
             }
+            for b in self.members.remove(&id).unwrap_or_default() {
+                maps.delete_member(id, &b)?;
+                st.member_writes += 1;
+            }
             self.slots.remove(&id);
-            lost_present |= self.present.remove(&id).is_some();
-            lost_ready |= self.ready.remove(&id).is_some();
+            self.gens.remove(&id);
         }
         for vip in self.markers.clone().difference(&vips) {
             maps.delete_marker(*vip)?;
             self.markers.remove(vip);
             st.marker_writes += 1;
         }
-
-        // 5. Flows to backends that left their set entirely stop; affinity only points at ready
-        // backends. Full scans, so only when something was lost (and once after start).
-        if lost_present || !self.synced_once {
-            let present = &self.present;
-            st.flows_purged =
-                maps.purge_flows(&|id, b| present.get(&id).is_some_and(|p| p.contains(&b)))?;
-        }
-        if lost_ready || !self.synced_once {
-            let ready = &self.ready;
-            st.affinity_purged =
-                maps.purge_affinity(&|id, b| ready.get(&id).is_some_and(|r| r.contains(&b)))?;
-        }
-        self.synced_once = true;
         Ok(st)
     }
 }
@@ -298,9 +315,7 @@ pub mod fake {
         pub frontends: BTreeMap<FrontendKey, FrontendValue>,
         pub markers: BTreeSet<Ipv4Addr>,
         pub slots: BTreeMap<(u32, u32), Backend>,
-        /// (svc_id, backend) of live flows.
-        pub flows: Vec<(u32, Backend)>,
-        pub affinity: Vec<(u32, Backend)>,
+        pub members: BTreeSet<(u32, Backend)>,
         pub counter_resets: Vec<u32>,
         pub writes: usize,
     }
@@ -311,7 +326,14 @@ pub mod fake {
             let Some(f) = self.frontends.get(fk) else {
                 return vec![];
             };
-            (0..f.count).map(|s| self.slots[&(f.svc_id, s)]).collect()
+            let v: Vec<Backend> = (0..f.count).map(|s| self.slots[&(f.svc_id, s)]).collect();
+            for b in &v {
+                assert!(
+                    self.members.contains(&(f.svc_id, *b)),
+                    "slot backend {b:?} is not a member"
+                );
+            }
+            v
         }
     }
 
@@ -325,6 +347,9 @@ pub mod fake {
         fn slots(&self) -> Result<Vec<(u32, u32, Backend)>> {
             Ok(self.slots.iter().map(|((i, s), b)| (*i, *s, *b)).collect())
         }
+        fn members(&self) -> Result<Vec<(u32, Backend)>> {
+            Ok(self.members.iter().copied().collect())
+        }
         fn put_frontend(&mut self, k: &FrontendKey, v: &FrontendValue) -> Result<()> {
             for s in 0..v.count {
                 assert!(
@@ -333,6 +358,19 @@ pub mod fake {
                     v.count,
                     v.svc_id
                 );
+            }
+            if let Some(old) = self.frontends.get(k) {
+                // A gen bump tells UDP flows to re-check membership: the member must be gone.
+                if old.svc_id == v.svc_id && old.gen != v.gen {
+                    for s in 0..old.count {
+                        let b = self.slots[&(old.svc_id, s)];
+                        let still = (0..v.count).any(|n| self.slots[&(v.svc_id, n)] == b);
+                        assert!(
+                            still || !self.members.contains(&(v.svc_id, b)),
+                            "gen bumped while the member entry of {b:?} (leaving) still exists"
+                        );
+                    }
+                }
             }
             self.writes += 1;
             self.frontends.insert(*k, *v);
@@ -370,15 +408,15 @@ pub mod fake {
             self.slots.remove(&(id, slot));
             Ok(())
         }
-        fn purge_flows(&mut self, keep: &dyn Fn(u32, Backend) -> bool) -> Result<usize> {
-            let before = self.flows.len();
-            self.flows.retain(|(id, b)| keep(*id, *b));
-            Ok(before - self.flows.len())
+        fn put_member(&mut self, id: u32, b: &Backend) -> Result<()> {
+            self.writes += 1;
+            self.members.insert((id, *b));
+            Ok(())
         }
-        fn purge_affinity(&mut self, keep: &dyn Fn(u32, Backend) -> bool) -> Result<usize> {
-            let before = self.affinity.len();
-            self.affinity.retain(|(id, b)| keep(*id, *b));
-            Ok(before - self.affinity.len())
+        fn delete_member(&mut self, id: u32, b: &Backend) -> Result<()> {
+            self.writes += 1;
+            self.members.remove(&(id, *b));
+            Ok(())
         }
         fn reset_counters(&mut self, svc_id: u32) -> Result<()> {
             self.counter_resets.push(svc_id);
@@ -441,8 +479,13 @@ mod tests {
         );
         let st = w.sync(&d, &mut maps).unwrap();
         assert_eq!(
-            (st.frontend_writes, st.slot_writes, st.marker_writes),
-            (2, 2, 2)
+            (
+                st.frontend_writes,
+                st.slot_writes,
+                st.member_writes,
+                st.marker_writes
+            ),
+            (2, 2, 2, 2)
         );
         assert_eq!(
             maps.choices(&fk("10.96.0.1")),
@@ -477,15 +520,20 @@ mod tests {
         );
         let st = w.sync(&desired_of(&docs), &mut maps).unwrap();
         assert_eq!(
-            (st.slot_writes, st.frontend_writes, st.map_writes()),
-            (1, 1, 2),
+            (
+                st.slot_writes,
+                st.frontend_writes,
+                st.member_writes,
+                st.map_writes()
+            ),
+            (1, 1, 1, 3),
             "{st:?}"
         );
         assert_eq!(maps.choices(&fk("10.96.0.8")).len(), 3);
     }
 
     #[test]
-    fn removal_moves_the_last_slot_into_the_hole_and_purges_only_that_backends_flows() {
+    fn removal_moves_the_last_slot_into_the_hole_drops_its_member_and_bumps_the_generation() {
         let mut maps = FakeMaps::default();
         let mut w = Writer::load(&maps, 100).unwrap();
         let three = [
@@ -495,14 +543,7 @@ mod tests {
         ];
         w.sync(&desired_of(&svc("a", "10.96.0.1", &three)), &mut maps)
             .unwrap();
-        let id = maps.frontends[&fk("10.96.0.1")].svc_id;
-        maps.flows = vec![
-            (id, be("10.244.0.1")),
-            (id, be("10.244.0.2")),
-            (id, be("10.244.0.3")),
-        ];
-        maps.affinity = vec![(id, be("10.244.0.1"))];
-
+        let before = maps.frontends[&fk("10.96.0.1")];
         let st = w
             .sync(
                 &desired_of(&svc(
@@ -518,21 +559,34 @@ mod tests {
             vec![be("10.244.0.3"), be("10.244.0.2")]
         );
         assert_eq!(
-            (st.slot_writes, st.slot_deletes, st.frontend_writes),
-            (1, 1, 1)
+            (
+                st.slot_writes,
+                st.slot_deletes,
+                st.frontend_writes,
+                st.member_writes
+            ),
+            (1, 1, 1, 1)
         );
+        assert_eq!(st.backends_left, 1);
+        let after = maps.frontends[&fk("10.96.0.1")];
         assert_eq!(
-            maps.flows,
-            vec![(id, be("10.244.0.2")), (id, be("10.244.0.3"))],
-            "flows to the removed backend stop"
+            after.gen,
+            before.gen + 1,
+            "UDP flows re-check their backend"
         );
-        assert!(maps.affinity.is_empty());
+        assert!(!maps.members.contains(&(after.svc_id, be("10.244.0.1"))));
     }
 
     #[test]
-    fn terminating_endpoints_keep_flows_but_get_no_new_ones() {
+    fn a_gained_backend_writes_no_generation_bump() {
         let mut maps = FakeMaps::default();
         let mut w = Writer::load(&maps, 100).unwrap();
+        w.sync(
+            &desired_of(&svc("a", "10.96.0.1", &[("10.244.0.1", READY)])),
+            &mut maps,
+        )
+        .unwrap();
+        let gen = maps.frontends[&fk("10.96.0.1")].gen;
         w.sync(
             &desired_of(&svc(
                 "a",
@@ -542,9 +596,13 @@ mod tests {
             &mut maps,
         )
         .unwrap();
-        let id = maps.frontends[&fk("10.96.0.1")].svc_id;
-        maps.flows = vec![(id, be("10.244.0.1")), (id, be("10.244.0.2"))];
-        maps.affinity = vec![(id, be("10.244.0.2"))];
+        assert_eq!(maps.frontends[&fk("10.96.0.1")].gen, gen);
+    }
+
+    #[test]
+    fn terminating_endpoints_get_new_flows_only_when_no_endpoint_is_ready() {
+        let mut maps = FakeMaps::default();
+        let mut w = Writer::load(&maps, 100).unwrap();
         w.sync(
             &desired_of(&svc(
                 "a",
@@ -555,27 +613,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(maps.choices(&fk("10.96.0.1")), vec![be("10.244.0.1")]);
+        // A one-replica rolling update: the only endpoint is terminating but still serving.
+        w.sync(
+            &desired_of(&svc("a", "10.96.0.1", &[("10.244.0.2", TERMINATING)])),
+            &mut maps,
+        )
+        .unwrap();
         assert_eq!(
-            maps.flows.len(),
-            2,
-            "the terminating endpoint keeps its flow"
-        );
-        assert!(
-            maps.affinity.is_empty(),
-            "but affinity no longer sends new flows to it"
+            maps.choices(&fk("10.96.0.1")),
+            vec![be("10.244.0.2")],
+            "falls back to serving+terminating endpoints"
         );
     }
 
     #[test]
-    fn deleting_a_service_removes_its_frontend_slots_marker_and_flows() {
+    fn deleting_a_service_removes_its_frontend_slots_members_and_marker() {
         let mut maps = FakeMaps::default();
         let mut w = Writer::load(&maps, 100).unwrap();
         let both = svc("a", "10.96.0.1", &[("10.244.0.1", READY)])
             + &svc("b", "10.96.0.2", &[("10.244.0.9", READY)]);
         w.sync(&desired_of(&both), &mut maps).unwrap();
-        let a = maps.frontends[&fk("10.96.0.1")].svc_id;
         let b = maps.frontends[&fk("10.96.0.2")].svc_id;
-        maps.flows = vec![(a, be("10.244.0.1")), (b, be("10.244.0.9"))];
         w.sync(
             &desired_of(&svc("b", "10.96.0.2", &[("10.244.0.9", READY)])),
             &mut maps,
@@ -584,13 +642,16 @@ mod tests {
         assert_eq!(maps.frontends.len(), 1);
         assert_eq!(maps.slots.len(), 1);
         assert_eq!(
+            maps.members.iter().copied().collect::<Vec<_>>(),
+            vec![(b, be("10.244.0.9"))]
+        );
+        assert_eq!(
             maps.markers
                 .iter()
                 .map(|m| m.to_string())
                 .collect::<Vec<_>>(),
             ["10.96.0.2"]
         );
-        assert_eq!(maps.flows, vec![(b, be("10.244.0.9"))]);
     }
 
     #[test]
@@ -607,16 +668,9 @@ mod tests {
             .unwrap()
             .sync(&d, &mut maps)
             .unwrap();
-        let id = maps.frontends[&fk("10.96.0.1")].svc_id;
-        maps.flows = vec![(id, be("10.244.0.1"))];
         let mut w2 = Writer::load(&maps, 100).unwrap();
         let st = w2.sync(&d, &mut maps).unwrap();
         assert_eq!(st.map_writes(), 0, "{st:?}");
-        assert_eq!(
-            maps.flows.len(),
-            1,
-            "established flows survive a daemon restart"
-        );
     }
 
     #[test]
@@ -629,6 +683,7 @@ mod tests {
         assert_eq!(maps.markers.len(), 1);
         w.sync(&desired_of(""), &mut maps).unwrap();
         assert!(maps.frontends.is_empty() && maps.markers.is_empty() && maps.slots.is_empty());
+        assert!(maps.members.is_empty());
     }
 
     #[test]
