@@ -117,4 +117,12 @@ struct {
 	__uint(max_entries, MAX_FRONTENDS);
 } sl_svc_v1 SEC(".maps");
 
+/* Per-CPU scratch space (one entry). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct scratch);
+	__uint(max_entries, 1);
+} sl_scratch_v1 SEC(".maps");
+
 #endif

@@ -137,6 +137,12 @@ struct pod_info {
 	__u32  flags;           /* host: reserved */
 };
 
+/* sl_scratch_v1 value: per-CPU room for building a packet (an ICMP error: new IP and ICMP headers
+ * and the quote), too big for the 512 bytes of stack the call chain shares. */
+struct scratch {
+	__u8 buf[160];
+};
+
 /* sl_node_v1 value, keyed by a node address (__be32, net): the cluster's nodes. */
 struct node_value {
 	__u32 flags;            /* host: NODE_F_* bits */

@@ -204,12 +204,15 @@ static __always_inline int ct_repair_reverse(const struct ct_key *fk, const stru
  * of a NATed flow is rewritten back; a DIRECT flow's entry records it.
  * Return: REASON_REV_NAT / REASON_XLATE (rewritten), REASON_DIRECT, REASON_PASS, or a drop reason.
  */
-static __always_inline int ct_reverse(struct __sk_buff *skb, struct packet *pkt)
+SL_GLOBAL int ct_reverse(struct __sk_buff *skb, struct packet *pkt)
 {
 	struct ct_key key;
 	struct ct_value *ct;
 	__u64 now;
 	int err;
+
+	if (!pkt)
+		return REASON_DROP_REWRITE;
 
 	ct_key_of(pkt, &key);
 	ct = bpf_map_lookup_elem(&sl_ct_v2, &key);

@@ -57,13 +57,16 @@ static __always_inline int direct_xlated(struct __sk_buff *skb, struct packet *p
  * direct_track - a TCP/UDP packet from a local pod to no frontend.
  * Return: the reason (REASON_PASS when nothing was recorded).
  */
-static __always_inline int direct_track(struct __sk_buff *skb, struct packet *pkt)
+SL_GLOBAL int direct_track(struct __sk_buff *skb, struct packet *pkt)
 {
 	struct ct_key fk = {}, rk = {};
 	struct ct_value *e, *x;
 	struct ct_value fwd = {};
 	__u64 now = bpf_ktime_get_ns();
 	int opens, err;
+
+	if (!pkt)
+		return REASON_DROP_REWRITE;
 
 	ct_key_of(pkt, &fk);
 	e = bpf_map_lookup_elem(&sl_ct_v2, &fk);

@@ -38,12 +38,15 @@ static __always_inline void frag_remember(const struct packet *pkt, __be32 saddr
  * frag_later - a later fragment: rewrite it as its first fragment was.
  * Return: REASON_NAT_FRAGMENT, a drop reason, or CONTINUE when no first fragment was remembered.
  */
-static __always_inline int frag_later(struct __sk_buff *skb, struct packet *pkt)
+SL_GLOBAL int frag_later(struct __sk_buff *skb, struct packet *pkt)
 {
 	struct frag_key k;
 	struct frag_value *v;
 	struct nat n = {};
 	int err;
+
+	if (!pkt)
+		return REASON_DROP_REWRITE;
 
 	frag_key_of(pkt, pkt->saddr, pkt->daddr, &k);
 	v = bpf_map_lookup_elem(&sl_frag_v1, &k);

@@ -57,7 +57,7 @@ static __always_inline int quote_addr(struct __sk_buff *skb, __u32 icmp_csum, __
  * its NATed (or port-translated) flows.
  * Return: REASON_REV_NAT_ICMP (rewritten), REASON_PASS (not about such a flow), or a drop reason.
  */
-static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct packet *pkt)
+SL_GLOBAL int icmp_error_rev_nat(struct __sk_buff *skb, struct packet *pkt)
 {
 	struct { __u8 type, code; __sum16 csum; __be32 rest; } icmp;
 	struct iphdr in;
@@ -66,6 +66,9 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct pack
 	struct ct_key key = {};
 	struct ct_value *ct;
 	__be32 vip = 0;
+
+	if (!pkt)
+		return REASON_DROP_REWRITE;
 
 	if (bpf_skb_load_bytes(skb, pkt->l4_off, &icmp, sizeof(icmp)) < 0)
 		return REASON_PASS;

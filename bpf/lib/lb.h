@@ -171,17 +171,23 @@ static __always_inline int lb_new_flow(const struct frontend_value *fe, struct l
  * lb_forward - a TCP/UDP packet from a local pod to a frontend: DNAT it towards its flow's backend.
  * Return: the reason; sets pkt->redirect_back for hairpin and reject.
  */
-static __always_inline int lb_forward(struct __sk_buff *skb, struct packet *pkt,
+SL_GLOBAL int lb_forward(struct __sk_buff *skb, struct packet *pkt,
 				      const struct frontend_value *fe)
 {
 	struct ct_key key = {};
 	struct ct_value flow = {};
 	struct ct_value *ct;
-	struct lb_set set = lb_set_for_pod(fe);
+	struct lb_set set;
 	__u64 now = bpf_ktime_get_ns();
 	__u64 update = BPF_NOEXIST;
-	__be32 saddr = pkt->saddr, daddr = pkt->daddr;
+	__be32 saddr, daddr;
 	int reason = 0, err;
+
+	if (!pkt || !fe)
+		return REASON_DROP_REWRITE;
+	set = lb_set_for_pod(fe);
+	saddr = pkt->saddr;
+	daddr = pkt->daddr;
 
 	ct_key_of(pkt, &key);
 	ct = bpf_map_lookup_elem(&sl_ct_v2, &key);

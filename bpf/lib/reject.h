@@ -76,22 +76,33 @@ static __always_inline __u16 csum_fixed_point(__u32 sum_without_field)
  * Return: REASON_NO_BACKEND with pkt->redirect_back set, or REASON_DROP_NO_BACKEND when the packet
  * cannot be turned around (helper failure): the client then times out instead.
  */
-static __always_inline int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
+SL_GLOBAL int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
 {
-	struct icmp_reject r = {};
-	__u8 l4[QUOTE_TCP] = {};
-	/* parse_packet guarantees 5 <= ihl <= 15 and a full TCP/UDP header after it; the masks also
-	 * bound the lengths below for the verifier. */
-	__u32 ip_hlen = (pkt->ihl & 0xf) * 4;
-	int tcp = pkt->proto == IPPROTO_TCP;
-	__u32 l4_len = tcp ? QUOTE_TCP : QUOTE_UDP;
-	__u32 csum_at = tcp ? QUOTE_CSUM_TCP : QUOTE_CSUM_UDP;
-	__u32 quote_len = ip_hlen + l4_len;
-	__u32 len = sizeof(r.ip) + sizeof(r.icmp) + quote_len;
+	__u32 zero = 0, ip_hlen, l4_len, csum_at, quote_len, len;
+	struct reject_room { struct icmp_reject r; __u8 l4[QUOTE_TCP]; } *room;
+	struct icmp_reject *rp;
+	__u8 *l4;
 	__u16 field;
 	__s64 sum;
+	int tcp;
 
-	if (bpf_skb_load_bytes(skb, IP_OFF, r.quote, quote_len) < 0)
+	_Static_assert(sizeof(struct reject_room) <= sizeof(struct scratch), "scratch too small");
+	room = bpf_map_lookup_elem(&sl_scratch_v1, &zero);
+	if (!pkt || !room)
+		return REASON_DROP_NO_BACKEND;
+	__builtin_memset(room, 0, sizeof(*room));
+	rp = &room->r;
+	l4 = room->l4;
+	/* parse_packet guarantees 5 <= ihl <= 15 and a full TCP/UDP header after it; the masks also
+	 * bound the lengths below for the verifier. */
+	ip_hlen = (pkt->ihl & 0xf) * 4;
+	tcp = pkt->proto == IPPROTO_TCP;
+	l4_len = tcp ? QUOTE_TCP : QUOTE_UDP;
+	csum_at = tcp ? QUOTE_CSUM_TCP : QUOTE_CSUM_UDP;
+	quote_len = ip_hlen + l4_len;
+	len = sizeof(rp->ip) + sizeof(rp->icmp) + quote_len;
+
+	if (bpf_skb_load_bytes(skb, IP_OFF, rp->quote, quote_len) < 0)
 		return REASON_DROP_NO_BACKEND;
 	if (tcp ? bpf_skb_load_bytes(skb, pkt->l4_off, l4, QUOTE_TCP)
 		: bpf_skb_load_bytes(skb, pkt->l4_off, l4, QUOTE_UDP))
@@ -102,37 +113,38 @@ static __always_inline int reject_port_unreachable(struct __sk_buff *skb, struct
 		  : bpf_csum_diff(0, 0, (__be32 *)l4, QUOTE_UDP, 0);
 	if (sum < 0)
 		return REASON_DROP_NO_BACKEND;
-	field = bpf_htons(csum_fixed_point((__u32)sum));
-	if (ip_hlen + csum_at + 2 > sizeof(r.quote))
+	/* bpf_csum_diff sums in memory order, so F comes out in memory (network) order too. */
+	field = csum_fixed_point((__u32)sum);
+	if (ip_hlen + csum_at + 2 > sizeof(rp->quote))
 		return REASON_DROP_NO_BACKEND;
-	__builtin_memcpy(&r.quote[ip_hlen + csum_at], &field, 2);
+	__builtin_memcpy(&rp->quote[ip_hlen + csum_at], &field, 2);
 
 	/* Keep Ethernet + the quote, then open room for the new IP and ICMP headers before it. */
 	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0) < 0)
 		return REASON_DROP_NO_BACKEND;
-	if (bpf_skb_adjust_room(skb, sizeof(r.ip) + sizeof(r.icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
+	if (bpf_skb_adjust_room(skb, sizeof(rp->ip) + sizeof(rp->icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
 		return REASON_DROP_NO_BACKEND;
 
-	r.ip.version = 4;
-	r.ip.ihl = 5;
-	r.ip.tot_len = bpf_htons(len);
-	r.ip.ttl = 64;
-	r.ip.protocol = IPPROTO_ICMP;
-	r.ip.saddr = pkt->daddr;
-	r.ip.daddr = pkt->saddr;
-	sum = bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0);
+	rp->ip.version = 4;
+	rp->ip.ihl = 5;
+	rp->ip.tot_len = bpf_htons(len);
+	rp->ip.ttl = 64;
+	rp->ip.protocol = IPPROTO_ICMP;
+	rp->ip.saddr = pkt->daddr;
+	rp->ip.daddr = pkt->saddr;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&rp->ip, sizeof(rp->ip), 0);
 	if (sum < 0)
 		return REASON_DROP_NO_BACKEND;
-	r.ip.check = csum_fold32((__u32)sum);
+	rp->ip.check = csum_fold32((__u32)sum);
 
-	r.icmp.type = ICMP_DEST_UNREACH;
-	r.icmp.code = ICMP_PORT_UNREACH;
-	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp, sizeof(r.icmp) + quote_len, 0);
+	rp->icmp.type = ICMP_DEST_UNREACH;
+	rp->icmp.code = ICMP_PORT_UNREACH;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&rp->icmp, sizeof(rp->icmp) + quote_len, 0);
 	if (sum < 0)
 		return REASON_DROP_NO_BACKEND;
-	r.icmp.checksum = csum_fold32((__u32)sum);
+	rp->icmp.checksum = csum_fold32((__u32)sum);
 
-	if (bpf_skb_store_bytes(skb, IP_OFF, &r, len, 0) < 0)
+	if (bpf_skb_store_bytes(skb, IP_OFF, rp, len, 0) < 0)
 		return REASON_DROP_NO_BACKEND;
 	pkt->redirect_back = 1;
 	return REASON_NO_BACKEND;

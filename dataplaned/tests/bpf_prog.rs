@@ -85,10 +85,31 @@ enum Setup {
         backend: (Ipv4Addr, u16),
         age: Age,
     },
-    /// The per-pod counter entry the daemon creates on attach.
+    /// The per-pod counter entry the daemon creates on attach (no source check).
     Pod,
+    /// The per-pod entry with the pod's address: other sources are dropped.
+    PodAddr(Ipv4Addr),
+    /// A backend's membership of a set, added or removed.
+    Member {
+        svc: u32,
+        addr: (Ipv4Addr, u16),
+        present: bool,
+    },
+    /// A frontend's generation (bumped by the writer when a backend leaves).
+    Gen {
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        gen: u32,
+    },
     /// Move a conntrack entry's timestamps into the past.
     AgeCt(Tuple, Age),
+    /// Write a conntrack entry (last seen `age` ago).
+    PutCt(Ct, Age),
+    /// Delete a conntrack entry (as LRU eviction would).
+    DelCt(Tuple),
+    /// Delete a frontend (its Service was deleted).
+    DelFrontend(Ipv4Addr, u16, u8),
 }
 
 fn fe(vip: Ipv4Addr, port: u16, proto: u8, svc: u32, count: u32) -> Setup {
@@ -298,11 +319,29 @@ fn apply(dp: &Dp, setups: &[Setup], w: &mut Written) {
                 dp.affinity(client, svc, backend, ns);
                 w.aff.insert((client, svc), ns);
             }
-            Setup::Pod => dp.pod_entry(POD_IFINDEX),
+            Setup::Pod => dp.pod_entry(POD_IFINDEX, Ipv4Addr::UNSPECIFIED),
+            Setup::PodAddr(a) => dp.pod_entry(POD_IFINDEX, a),
+            Setup::Member { svc, addr, present } => dp.member(svc, addr.0, addr.1, present),
+            Setup::Gen {
+                vip,
+                port,
+                proto,
+                gen,
+            } => {
+                let mut v = dp.frontend_get(vip, port, proto);
+                v.gen = gen;
+                dp.frontend_value(vip, port, proto, v);
+            }
             Setup::AgeCt(t, age) => {
                 let ts = dp.age_ct(t, age);
                 w.ct.insert(t, ts);
             }
+            Setup::PutCt(ct, age) => {
+                let ts = dp.ct_put(&ct, age);
+                w.ct.insert(ct.key, ts);
+            }
+            Setup::DelCt(t) => dp.ct_del(t),
+            Setup::DelFrontend(vip, port, proto) => dp.del_frontend(vip, port, proto),
         }
     }
 }
@@ -561,6 +600,10 @@ fn cases() -> Vec<Case> {
     v.extend(options_and_fragment_cases());
     v.extend(hairpin_cases());
     v.extend(counter_cases());
+    v.extend(port_reuse_cases());
+    v.extend(half_flow_cases());
+    v.extend(endpoint_change_cases());
+    v.extend(source_check_cases());
     v
 }
 
@@ -603,7 +646,7 @@ fn tcp_cases() -> Vec<Case> {
         case(
             "tcp_new_flow_without_pod_entry",
             web(1),
-            vec![from_pod("SYN, no sl_pod_v1 entry for the veth", &syn)
+            vec![from_pod("SYN, no sl_pod_v2 entry for the veth", &syn)
                 .nat(&syn_out, R::REASON_NAT_NEW)
                 .svc(SVC)],
             Expect {
@@ -648,7 +691,7 @@ fn tcp_cases() -> Vec<Case> {
             },
         ),
         case(
-            "tcp_reply_tuple_clash_with_another_frontend_is_refused_until_that_flow_ends",
+            "tcp_reply_tuple_clash_with_another_frontend_gets_a_translated_port",
             [
                 web(1),
                 vec![fe(VIP2, VPORT, TCP, SVC2, 1), be(SVC2, 0, BE_A)],
@@ -659,24 +702,59 @@ fn tcp_cases() -> Vec<Case> {
                     .nat(&syn_out, R::REASON_NAT_NEW)
                     .svc(SVC),
                 from_pod(
-                    "same client port to VIP2:80 -> A: A's reply tuple is taken",
+                    "same client port to VIP2:80 -> A: A's reply tuple is taken, so the port is translated",
                     &syn2,
                 )
-                .drop(R::REASON_DROP_CT_COLLISION),
-                from_pod("the first flow ends", &fin)
+                .nat(
+                    &syn2.clone().with_src(CLIENT, XPORT).with_dst(BE_A.0, BE_A.1),
+                    R::REASON_NAT_NEW_XLATE,
+                )
+                .svc(SVC2),
+                to_pod("A answers the second flow", &synack.clone().with_dst(CLIENT, XPORT)).nat(
+                    &synack.clone().with_src(VIP2, VPORT).towards_pod(),
+                    R::REASON_REV_NAT,
+                ),
+                to_pod("A answers the first flow", &synack).nat(
+                    &synack.clone().with_src(VIP, VPORT).towards_pod(),
+                    R::REASON_REV_NAT,
+                ),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(fwd, BE_A, SVC, SYN),
+                    Ct::rev(rev_a, FE, SVC, SYN | ACK),
+                    Ct::fwd(tuple(C, FE2, TCP), BE_A, SVC2, SYN).xlated(XPORT),
+                    Ct::rev(tuple(BE_A, (CLIENT, XPORT), TCP), FE2, SVC2, SYN | ACK)
+                        .xlated(CPORT),
+                ],
+                svc: vec![(SVC, count(1, len(&syn))), (SVC2, count(1, len(&syn2)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "tcp_reply_tuple_of_a_closed_flow_is_taken_over",
+            [
+                web(1),
+                vec![fe(VIP2, VPORT, TCP, SVC2, 1), be(SVC2, 0, BE_A)],
+            ]
+            .concat(),
+            vec![
+                from_pod("SYN to VIP:80 -> A", &syn)
+                    .nat(&syn_out, R::REASON_NAT_NEW)
+                    .svc(SVC),
+                from_pod("the first flow's FIN", &fin)
                     .nat(
                         &fin.clone().with_dst(BE_A.0, BE_A.1),
                         R::REASON_NAT_ESTABLISHED,
                     )
                     .svc(SVC),
                 reply_fin_step(),
-                from_pod("now the second flow may have the tuple", &syn2)
-                    .nat(&syn2.clone().with_dst(BE_A.0, BE_A.1), R::REASON_NAT_NEW)
+                from_pod("same client port to VIP2:80 -> A: the closed flow gives way", &syn2)
+                    .nat(&syn2.clone().with_dst(BE_A.0, BE_A.1), R::REASON_FLOW_REPLACED)
                     .svc(SVC2),
             ],
             Expect {
                 ct: vec![
-                    Ct::fwd(fwd, BE_A, SVC, SYN | FIN | ACK),
                     Ct::fwd(tuple(C, FE2, TCP), BE_A, SVC2, SYN),
                     Ct::rev(rev_a, FE2, SVC2, 0),
                 ],
@@ -798,15 +876,11 @@ fn tcp_cases() -> Vec<Case> {
                     .svc(SVC),
                 from_pod("new SYN on the same port, slot 0 now B", &syn)
                     .before(vec![be(SVC, 0, BE_B)])
-                    .nat(&syn.clone().with_dst(BE_B.0, BE_B.1), R::REASON_NAT_NEW)
+                    .nat(&syn.clone().with_dst(BE_B.0, BE_B.1), R::REASON_FLOW_REPLACED)
                     .svc(SVC),
             ],
             Expect {
-                ct: vec![
-                    Ct::fwd(fwd, BE_B, SVC, SYN),
-                    Ct::rev(rev_a, FE, SVC, 0),
-                    Ct::rev(rev_b, FE, SVC, 0),
-                ],
+                ct: vec![Ct::fwd(fwd, BE_B, SVC, SYN), Ct::rev(rev_b, FE, SVC, 0)],
                 svc: vec![(SVC, count(3, 2 * len(&syn) + len(&fin)))],
                 ..Default::default()
             },
@@ -826,7 +900,7 @@ fn tcp_cases() -> Vec<Case> {
                     .svc(SVC),
                 from_pod("new SYN on the same port, slot 0 now B", &syn)
                     .before(vec![be(SVC, 0, BE_B)])
-                    .nat(&syn.clone().with_dst(BE_B.0, BE_B.1), R::REASON_NAT_NEW)
+                    .nat(&syn.clone().with_dst(BE_B.0, BE_B.1), R::REASON_FLOW_REPLACED)
                     .svc(SVC),
                 to_pod("SYN-ACK from B", &synack.clone().with_src(BE_B.0, BE_B.1)).nat(
                     &synack.clone().with_src(VIP, VPORT).towards_pod(),
@@ -836,7 +910,6 @@ fn tcp_cases() -> Vec<Case> {
             Expect {
                 ct: vec![
                     Ct::fwd(fwd, BE_B, SVC, SYN),
-                    Ct::rev(rev_a, FE, SVC, 0),
                     Ct::rev(rev_b, FE, SVC, SYN | ACK),
                 ],
                 svc: vec![(SVC, count(3, 2 * len(&syn) + len(&rst)))],
@@ -872,7 +945,7 @@ fn payload_with_zero_sum_after(make: impl Fn(&[u8]) -> (Pkt, Pkt)) -> Vec<u8> {
 /// An ICMP time-exceeded from `router` about `about` (quoting its IP header and 8 bytes), on its
 /// way to the pod that sent `about`.
 fn icmp_from(router: Ipv4Addr, about: &Pkt) -> Vec<u8> {
-    let mut b = about.port_unreachable();
+    let mut b = about.host_port_unreachable();
     // Same layout as port_unreachable: Ethernet 14, IP 20 (source at 26), ICMP type at 34.
     b[26..30].copy_from_slice(&router.octets());
     b[34] = 11; // time exceeded
@@ -930,12 +1003,12 @@ fn udp_cases() -> Vec<Case> {
                 // client must see the error from the frontend, about its own query.
                 to_pod_raw(
                     "ICMP port unreachable from the backend",
-                    q_out.port_unreachable(),
+                    q_out.host_port_unreachable(),
                 )
-                .nat_bytes(q.port_unreachable(), R::REASON_REV_NAT_ICMP),
+                .nat_bytes(q.host_port_unreachable(), R::REASON_REV_NAT_ICMP),
                 to_pod_raw(
                     "the same error about a flow that is not NATed: untouched",
-                    Pkt::udp(C, (OTHER, 53), b"x").port_unreachable(),
+                    Pkt::udp(C, (OTHER, 53), b"x").host_port_unreachable(),
                 )
                 .pass(R::REASON_PASS),
             ],
@@ -991,7 +1064,7 @@ fn udp_cases() -> Vec<Case> {
             Expect {
                 ct: vec![
                     Ct::fwd(fwd, BE_DNS, DNS_SVC, 0),
-                    Ct::rev(rev, DNS_FE, DNS_SVC, 0),
+                    Ct::rev(rev, DNS_FE, DNS_SVC, 0).replied(),
                 ],
                 svc: vec![(DNS_SVC, count(2, 2 * len(&q)))],
                 pod: Some(PodCount {
@@ -1018,7 +1091,7 @@ fn udp_cases() -> Vec<Case> {
             Expect {
                 ct: vec![
                     Ct::fwd(fwd, BE_DNS, DNS_SVC, 0),
-                    Ct::rev(rev, DNS_FE, DNS_SVC, 0),
+                    Ct::rev(rev, DNS_FE, DNS_SVC, 0).replied(),
                 ],
                 svc: vec![(DNS_SVC, count(1, len(&qz)))],
                 ..Default::default()
@@ -1042,7 +1115,7 @@ fn udp_cases() -> Vec<Case> {
             Expect {
                 ct: vec![
                     Ct::fwd(fwd, BE_DNS, DNS_SVC, 0),
-                    Ct::rev(rev, DNS_FE, DNS_SVC, 0),
+                    Ct::rev(rev, DNS_FE, DNS_SVC, 0).replied(),
                 ],
                 svc: vec![(DNS_SVC, count(1, len(&q_ff)))],
                 ..Default::default()
@@ -1191,6 +1264,11 @@ fn affinity_cases() -> Vec<Case> {
             vec![
                 aff_fe.clone(),
                 be(SVC, 0, BE_A),
+                Setup::Member {
+                    svc: SVC,
+                    addr: BE_B,
+                    present: true,
+                },
                 Setup::Affinity {
                     client: CLIENT,
                     svc: SVC,
@@ -1302,31 +1380,45 @@ fn pass_and_drop_cases() -> Vec<Case> {
 
     vec![
         case(
-            "non_service_traffic_untouched",
+            "non_service_traffic_is_untouched_and_the_pods_own_flows_tracked",
             [web(1), dns(), vec![Setup::Pod]].concat(),
             vec![
-                from_pod("TCP to a pod", &Pkt::tcp(C, (OTHER, 80), SYN)).pass(R::REASON_PASS),
+                from_pod("TCP SYN to a pod", &Pkt::tcp(C, (OTHER, 80), SYN))
+                    .pass(R::REASON_DIRECT_NEW),
                 from_pod(
-                    "TCP to the VIP on a port it does not serve",
+                    "TCP SYN to the VIP on a port it does not serve",
                     &Pkt::tcp(C, (VIP, 81), SYN),
                 )
-                .pass(R::REASON_PASS),
-                from_pod("UDP to a TCP-only VIP:port", &Pkt::udp(C, FE, b"x")).pass(R::REASON_PASS),
+                .pass(R::REASON_DIRECT_NEW),
+                from_pod("UDP to a TCP-only VIP:port", &Pkt::udp(C, FE, b"x"))
+                    .pass(R::REASON_DIRECT_NEW),
                 from_pod("ICMP echo to the VIP", &Pkt::ping(CLIENT, VIP)).pass(R::REASON_PASS),
                 from_pod(
                     "UDP to the hairpin address, no flow",
                     &Pkt::udp(C, (HAIRPIN, 8080), b"x"),
                 )
                 .pass(R::REASON_PASS),
-                to_pod("TCP from a pod", &Pkt::tcp((OTHER, 80), C, SYN | ACK)).pass(R::REASON_PASS),
+                to_pod("SYN-ACK from the pod", &Pkt::tcp((OTHER, 80), C, SYN | ACK))
+                    .pass(R::REASON_DIRECT),
+                from_pod(
+                    "plain data to the pod: one lookup, nothing written",
+                    &Pkt::tcp(C, (OTHER, 80), ACK | PSH),
+                )
+                .pass(R::REASON_PASS),
                 to_pod("ICMP to the pod", &Pkt::ping(OTHER, CLIENT)).pass(R::REASON_PASS),
             ],
             Expect {
+                ct: vec![
+                    Ct::direct(tuple((OTHER, 80), C, TCP), SYN, SYN | ACK),
+                    Ct::direct(tuple((VIP, 81), C, TCP), SYN, 0),
+                    Ct::direct(tuple(FE, C, UDP), SEEN as u8, 0),
+                ],
                 pod: Some(PodCount {
-                    tx_packets: 5,
+                    tx_packets: 6,
                     tx_bytes: len(&Pkt::tcp(C, (OTHER, 80), SYN)) * 2
                         + len(&Pkt::udp(C, FE, b"x")) * 2
-                        + len(&Pkt::ping(CLIENT, VIP)),
+                        + len(&Pkt::ping(CLIENT, VIP))
+                        + len(&Pkt::tcp(C, (OTHER, 80), ACK | PSH)),
                     rx_packets: 2,
                     rx_bytes: len(&Pkt::tcp((OTHER, 80), C, SYN)) + len(&Pkt::ping(OTHER, CLIENT)),
                 }),
@@ -1429,6 +1521,17 @@ fn options_and_fragment_cases() -> Vec<Case> {
     let frag_other = Pkt::udp(C, (OTHER, 53), &[7; 64]).with_frag(true, 0);
     let frag_other_later = Pkt::raw(CLIENT, OTHER, UDP, vec![7; 64]).with_frag(false, 185);
     let frag_reply = Pkt::raw(BE_DNS.0, CLIENT, UDP, vec![7; 64]).with_frag(true, 185);
+    let q = Pkt::udp(C, DNS_FE, b"query");
+    let ans_first = Pkt::udp(BE_DNS, C, &[9; 64]).with_frag(true, 0);
+    let ans_later = Pkt::raw(BE_DNS.0, CLIENT, UDP, vec![9; 64]).with_frag(false, 185);
+    // The UDP header cut to 4 bytes: total length = IP header + 4.
+    let tiny_first = {
+        let mut b = Pkt::raw(CLIENT, DNS_VIP, UDP, vec![0x9c, 0x40, 0, 53])
+            .with_frag(true, 0)
+            .bytes();
+        b.truncate(14 + 24);
+        b
+    };
 
     vec![
         case(
@@ -1472,14 +1575,65 @@ fn options_and_fragment_cases() -> Vec<Case> {
             Expect {
                 ct: vec![
                     Ct::fwd(tuple(C, DNS_FE, UDP), BE_DNS, DNS_SVC, 0),
-                    Ct::rev(tuple(BE_DNS, C, UDP), DNS_FE, DNS_SVC, 0),
+                    Ct::rev(tuple(BE_DNS, C, UDP), DNS_FE, DNS_SVC, 0).replied(),
                 ],
                 svc: vec![(DNS_SVC, count(1, len(&q10)))],
                 ..Default::default()
             },
         ),
         case(
-            "fragments_to_vip_drop_others_pass",
+            "fragments_of_a_request_to_a_vip_are_dnated_like_their_first",
+            [dns(), vec![Setup::Marker(DNS_VIP)]].concat(),
+            vec![
+                from_pod("first fragment (MF) to the DNS VIP", &frag_first)
+                    .nat(
+                        &frag_first.clone().with_dst(BE_DNS.0, BE_DNS.1),
+                        R::REASON_NAT_NEW,
+                    )
+                    .svc(DNS_SVC),
+                from_pod("later fragment (offset 1480) to the DNS VIP", &frag_later).nat(
+                    &Pkt::raw(CLIENT, BE_DNS.0, UDP, vec![7; 64]).with_frag(false, 185),
+                    R::REASON_NAT_FRAGMENT,
+                ),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, DNS_FE, UDP), BE_DNS, DNS_SVC, 0),
+                    Ct::rev(tuple(BE_DNS, C, UDP), DNS_FE, DNS_SVC, 0),
+                ],
+                svc: vec![(DNS_SVC, count(1, len(&frag_first)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "fragments_of_a_reply_are_reverse_nated_like_their_first",
+            dns(),
+            vec![
+                from_pod("query", &q)
+                    .nat(&q.clone().with_dst(BE_DNS.0, BE_DNS.1), R::REASON_NAT_NEW)
+                    .svc(DNS_SVC),
+                to_pod("first fragment of a large answer", &ans_first).nat(
+                    &ans_first.clone().with_src(DNS_VIP, DNS_PORT).towards_pod(),
+                    R::REASON_REV_NAT,
+                ),
+                to_pod("its later fragment", &ans_later).nat(
+                    &Pkt::raw(DNS_VIP, CLIENT, UDP, vec![9; 64])
+                        .with_frag(false, 185)
+                        .towards_pod(),
+                    R::REASON_NAT_FRAGMENT,
+                ),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, DNS_FE, UDP), BE_DNS, DNS_SVC, 0),
+                    Ct::rev(tuple(BE_DNS, C, UDP), DNS_FE, DNS_SVC, 0).replied(),
+                ],
+                svc: vec![(DNS_SVC, count(1, len(&q)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "a_later_fragment_before_its_first_drops_for_a_vip_and_passes_elsewhere",
             [
                 web(1),
                 dns(),
@@ -1487,17 +1641,50 @@ fn options_and_fragment_cases() -> Vec<Case> {
             ]
             .concat(),
             vec![
-                from_pod("first fragment (MF) to the DNS VIP", &frag_first)
-                    .drop(R::REASON_DROP_FRAG_TO_VIP),
-                from_pod("later fragment (offset 1480) to the DNS VIP", &frag_later)
-                    .drop(R::REASON_DROP_FRAG_TO_VIP),
-                from_pod("TCP first fragment to the web VIP", &frag_tcp)
-                    .drop(R::REASON_DROP_FRAG_TO_VIP),
-                from_pod("first fragment to a pod", &frag_other).pass(R::REASON_PASS_FRAGMENT),
+                from_pod(
+                    "later fragment to the DNS VIP, first never seen",
+                    &frag_later,
+                )
+                .drop(R::REASON_DROP_FRAG_ORPHAN),
                 from_pod("later fragment to a pod", &frag_other_later)
                     .pass(R::REASON_PASS_FRAGMENT),
-                to_pod("fragment towards the pod", &frag_reply).pass(R::REASON_PASS_FRAGMENT),
+                to_pod("later fragment towards the pod", &frag_reply).pass(R::REASON_PASS_FRAGMENT),
+                from_pod("TCP first fragment to the web VIP", &frag_tcp)
+                    .nat(
+                        &frag_tcp.clone().with_dst(BE_A.0, BE_A.1),
+                        R::REASON_NAT_NEW,
+                    )
+                    .svc(SVC),
             ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, FE, TCP), BE_A, SVC, ACK),
+                    Ct::rev(tuple(BE_A, C, TCP), FE, SVC, 0),
+                ],
+                svc: vec![(SVC, count(1, len(&frag_tcp)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "a_first_fragment_to_a_pod_is_a_tracked_direct_flow",
+            dns(),
+            vec![
+                from_pod("first fragment to a pod", &frag_other).pass(R::REASON_DIRECT_NEW),
+                from_pod("its later fragment", &frag_other_later).pass(R::REASON_PASS_FRAGMENT),
+            ],
+            Expect {
+                ct: vec![Ct::direct(tuple((OTHER, 53), C, UDP), SEEN as u8, 0)],
+                ..Default::default()
+            },
+        ),
+        case(
+            "a_first_fragment_too_short_for_its_header_is_malformed",
+            dns(),
+            vec![from_pod_raw(
+                "UDP first fragment with 4 bytes of header",
+                tiny_first.clone(),
+            )
+            .drop(R::REASON_DROP_MALFORMED)],
             Expect::default(),
         ),
     ]
@@ -1618,7 +1805,7 @@ fn counter_cases() -> Vec<Case> {
                     R::REASON_NAT_ESTABLISHED,
                 )
                 .svc(DNS_SVC),
-            from_pod("not a service", &other).pass(R::REASON_PASS),
+            from_pod("not a service", &other).pass(R::REASON_DIRECT_NEW),
             to_pod("reply", &reply).nat(
                 &reply.clone().with_src(VIP, VPORT).towards_pod(),
                 R::REASON_REV_NAT,
@@ -1630,6 +1817,7 @@ fn counter_cases() -> Vec<Case> {
                 Ct::rev(tuple(BE_A, C, TCP), FE, SVC, ACK),
                 Ct::fwd(tuple(C, DNS_FE, UDP), BE_DNS, DNS_SVC, 0),
                 Ct::rev(tuple(BE_DNS, C, UDP), DNS_FE, DNS_SVC, 0),
+                Ct::direct(tuple((OTHER, 443), C, TCP), SYN, 0),
             ],
             svc: vec![
                 (SVC, count(3, n(&syn) + n(&ack) + n(&data))),
@@ -1647,9 +1835,556 @@ fn counter_cases() -> Vec<Case> {
                     R::REASON_NAT_ESTABLISHED,
                     count(3, n(&ack) + n(&data) + n(&q)),
                 ),
-                (R::REASON_PASS, count(1, n(&other))),
+                (R::REASON_DIRECT_NEW, count(1, n(&other))),
                 (R::REASON_REV_NAT, count(1, n(&reply))),
             ]),
+            ..Default::default()
+        },
+    )]
+}
+
+/// Port reuse and reply-tuple clashes between a pod's service flows and its direct flows: the
+/// kernel NAT's rules (issue 7). XPORT is the table's one translated port.
+fn port_reuse_cases() -> Vec<Case> {
+    let syn = Pkt::tcp(C, FE, SYN);
+    let syn_out = syn.clone().with_dst(BE_A.0, BE_A.1);
+    let fin = Pkt::tcp(C, FE, FIN | ACK);
+    let synack = Pkt::tcp(BE_A, C, SYN | ACK);
+    // Straight to backend A from the same client port.
+    let dsyn = Pkt::tcp(C, BE_A, SYN);
+    let ddata = Pkt::tcp(C, BE_A, ACK | PSH);
+    let dsynack = Pkt::tcp(BE_A, C, SYN | ACK);
+    let drst = Pkt::tcp(BE_A, C, RST | ACK);
+    let q = Pkt::udp(C, DNS_FE, b"query");
+    let dq = Pkt::udp(C, BE_DNS, b"direct query");
+    let da = Pkt::udp(BE_DNS, C, b"direct answer");
+    let fwd = tuple(C, FE, TCP);
+    let rev_a = tuple(BE_A, C, TCP);
+    let x_rev = tuple(BE_A, (CLIENT, XPORT), TCP);
+
+    vec![
+        case(
+            "direct_connection_after_a_closed_service_flow_from_the_same_port_is_not_rewritten",
+            web(1),
+            vec![
+                from_pod("SYN to the VIP -> A", &syn)
+                    .nat(&syn_out, R::REASON_NAT_NEW)
+                    .svc(SVC),
+                from_pod("FIN", &fin)
+                    .nat(
+                        &fin.clone().with_dst(BE_A.0, BE_A.1),
+                        R::REASON_NAT_ESTABLISHED,
+                    )
+                    .svc(SVC),
+                reply_fin_step(),
+                from_pod(
+                    "SYN from the same port straight to A: the closed flow gives way",
+                    &dsyn,
+                )
+                .pass(R::REASON_FLOW_REPLACED),
+                to_pod("A's SYN-ACK keeps A as its source", &dsynack).pass(R::REASON_DIRECT),
+            ],
+            Expect {
+                ct: vec![Ct::direct(rev_a, SYN, SYN | ACK)],
+                svc: vec![(SVC, count(2, len(&syn) + len(&fin)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "direct_connection_while_the_service_flow_is_live_gets_a_translated_port",
+            web(1),
+            vec![
+                from_pod("SYN to the VIP -> A", &syn)
+                    .nat(&syn_out, R::REASON_NAT_NEW)
+                    .svc(SVC),
+                to_pod("A's SYN-ACK (service flow)", &synack).nat(
+                    &synack.clone().with_src(VIP, VPORT).towards_pod(),
+                    R::REASON_REV_NAT,
+                ),
+                from_pod("SYN from the same port straight to A", &dsyn).nat(
+                    &dsyn.clone().with_src(CLIENT, XPORT),
+                    R::REASON_DIRECT_XLATE_NEW,
+                ),
+                to_pod(
+                    "A answers the direct flow at the translated port",
+                    &dsynack.clone().with_dst(CLIENT, XPORT),
+                )
+                .nat(&dsynack.clone().towards_pod(), R::REASON_XLATE),
+                from_pod("direct data", &ddata)
+                    .nat(&ddata.clone().with_src(CLIENT, XPORT), R::REASON_XLATE),
+                to_pod("the service flow's reply still comes from the VIP", &synack).nat(
+                    &synack.clone().with_src(VIP, VPORT).towards_pod(),
+                    R::REASON_REV_NAT,
+                ),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(fwd, BE_A, SVC, SYN),
+                    Ct::rev(rev_a, FE, SVC, SYN | ACK),
+                    Ct::xlate_fwd(tuple(C, BE_A, TCP), XPORT, SYN | ACK),
+                    Ct::xlate_rev(x_rev, CPORT, SYN | ACK),
+                ],
+                svc: vec![(SVC, count(1, len(&syn)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "service_flow_while_a_direct_connection_is_live_gets_a_translated_port",
+            web(1),
+            vec![
+                from_pod("SYN straight to A", &dsyn).pass(R::REASON_DIRECT_NEW),
+                to_pod("A's SYN-ACK", &dsynack).pass(R::REASON_DIRECT),
+                from_pod("SYN from the same port to the VIP -> A", &syn)
+                    .nat(
+                        &syn_out.clone().with_src(CLIENT, XPORT),
+                        R::REASON_NAT_NEW_XLATE,
+                    )
+                    .svc(SVC),
+                to_pod(
+                    "A answers the service flow",
+                    &synack.clone().with_dst(CLIENT, XPORT),
+                )
+                .nat(
+                    &synack.clone().with_src(VIP, VPORT).towards_pod(),
+                    R::REASON_REV_NAT,
+                ),
+                to_pod("A's direct traffic is untouched", &dsynack).pass(R::REASON_DIRECT),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::direct(rev_a, SYN, SYN | ACK),
+                    Ct::fwd(fwd, BE_A, SVC, SYN).xlated(XPORT),
+                    Ct::rev(x_rev, FE, SVC, SYN | ACK).xlated(CPORT),
+                ],
+                svc: vec![(SVC, count(1, len(&syn)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "service_flow_over_a_reset_direct_connection_takes_its_tuple",
+            web(1),
+            vec![
+                from_pod("SYN straight to A", &dsyn).pass(R::REASON_DIRECT_NEW),
+                to_pod("A resets it", &drst).pass(R::REASON_DIRECT),
+                from_pod("SYN from the same port to the VIP -> A", &syn)
+                    .nat(&syn_out, R::REASON_FLOW_REPLACED)
+                    .svc(SVC),
+            ],
+            Expect {
+                ct: vec![Ct::fwd(fwd, BE_A, SVC, SYN), Ct::rev(rev_a, FE, SVC, 0)],
+                svc: vec![(SVC, count(1, len(&syn)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "tcp_syn_to_an_idle_direct_connection_reuses_its_entry",
+            web(1),
+            vec![
+                from_pod("SYN straight to A", &dsyn).pass(R::REASON_DIRECT_NEW),
+                to_pod("A resets it", &drst).pass(R::REASON_DIRECT),
+                from_pod("a new SYN on the same tuple", &dsyn).pass(R::REASON_DIRECT_NEW),
+            ],
+            Expect {
+                ct: vec![Ct::direct(rev_a, SYN, 0)],
+                ..Default::default()
+            },
+        ),
+        case(
+            "udp_direct_datagram_while_a_service_flow_is_live_gets_a_translated_port",
+            dns(),
+            vec![
+                from_pod("query to the VIP", &q)
+                    .nat(&q.clone().with_dst(BE_DNS.0, BE_DNS.1), R::REASON_NAT_NEW)
+                    .svc(DNS_SVC),
+                from_pod("datagram from the same port straight to the backend", &dq).nat(
+                    &dq.clone().with_src(CLIENT, XPORT),
+                    R::REASON_DIRECT_XLATE_NEW,
+                ),
+                to_pod(
+                    "its answer, at the translated port",
+                    &da.clone().with_dst(CLIENT, XPORT),
+                )
+                .nat(&da.clone().towards_pod(), R::REASON_XLATE),
+                from_pod("the next datagram", &dq)
+                    .nat(&dq.clone().with_src(CLIENT, XPORT), R::REASON_XLATE),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, DNS_FE, UDP), BE_DNS, DNS_SVC, 0),
+                    Ct::rev(tuple(BE_DNS, C, UDP), DNS_FE, DNS_SVC, 0),
+                    Ct::xlate_fwd(tuple(C, BE_DNS, UDP), XPORT, 0),
+                    Ct::xlate_rev(tuple(BE_DNS, (CLIENT, XPORT), UDP), CPORT, 0).replied(),
+                ],
+                svc: vec![(DNS_SVC, count(1, len(&q)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "udp_service_flow_over_an_idle_direct_flow_takes_its_tuple",
+            dns(),
+            vec![
+                from_pod("a direct datagram", &dq).pass(R::REASON_DIRECT_NEW),
+                from_pod("query to the VIP, the direct flow idle for 40 s", &q)
+                    .before(vec![Setup::AgeCt(tuple(BE_DNS, C, UDP), Age::Secs(40))])
+                    .nat(
+                        &q.clone().with_dst(BE_DNS.0, BE_DNS.1),
+                        R::REASON_FLOW_REPLACED,
+                    )
+                    .svc(DNS_SVC),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, DNS_FE, UDP), BE_DNS, DNS_SVC, 0),
+                    Ct::rev(tuple(BE_DNS, C, UDP), DNS_FE, DNS_SVC, 0),
+                ],
+                svc: vec![(DNS_SVC, count(1, len(&q)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "udp_service_flow_while_a_direct_flow_is_live_gets_a_translated_port",
+            dns(),
+            vec![
+                from_pod("a direct datagram", &dq).pass(R::REASON_DIRECT_NEW),
+                from_pod("query to the VIP from the same port", &q)
+                    .nat(
+                        &q.clone()
+                            .with_src(CLIENT, XPORT)
+                            .with_dst(BE_DNS.0, BE_DNS.1),
+                        R::REASON_NAT_NEW_XLATE,
+                    )
+                    .svc(DNS_SVC),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::direct(tuple(BE_DNS, C, UDP), SEEN as u8, 0),
+                    Ct::fwd(tuple(C, DNS_FE, UDP), BE_DNS, DNS_SVC, 0).xlated(XPORT),
+                    Ct::rev(tuple(BE_DNS, (CLIENT, XPORT), UDP), DNS_FE, DNS_SVC, 0).xlated(CPORT),
+                ],
+                svc: vec![(DNS_SVC, count(1, len(&q)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "no_free_translated_port_drops_the_new_flow",
+            [
+                web(1),
+                vec![Setup::PutCt(Ct::direct(x_rev, SYN, SYN | ACK), Age::Fresh)],
+            ]
+            .concat(),
+            vec![
+                from_pod("SYN straight to A", &dsyn).pass(R::REASON_DIRECT_NEW),
+                from_pod(
+                    "SYN to the VIP from the same port: XPORT is taken too",
+                    &syn,
+                )
+                .drop(R::REASON_DROP_CT_COLLISION),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::direct(rev_a, SYN, 0),
+                    Ct::direct(x_rev, SYN, SYN | ACK).ts(Ts::Old),
+                ],
+                ..Default::default()
+            },
+        ),
+        case(
+            "icmp_error_about_a_translated_direct_flow_quotes_the_clients_port",
+            web(1),
+            vec![
+                from_pod("SYN to the VIP -> A", &syn)
+                    .nat(&syn_out, R::REASON_NAT_NEW)
+                    .svc(SVC),
+                from_pod("SYN from the same port straight to A", &dsyn).nat(
+                    &dsyn.clone().with_src(CLIENT, XPORT),
+                    R::REASON_DIRECT_XLATE_NEW,
+                ),
+                to_pod_raw(
+                    "A's port unreachable about the translated SYN",
+                    dsyn.clone().with_src(CLIENT, XPORT).host_port_unreachable(),
+                )
+                .nat_bytes(dsyn.host_port_unreachable(), R::REASON_REV_NAT_ICMP),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(fwd, BE_A, SVC, SYN),
+                    Ct::rev(rev_a, FE, SVC, 0),
+                    Ct::xlate_fwd(tuple(C, BE_A, TCP), XPORT, SYN),
+                    Ct::xlate_rev(x_rev, CPORT, 0),
+                ],
+                svc: vec![(SVC, count(1, len(&syn)))],
+                ..Default::default()
+            },
+        ),
+    ]
+}
+
+/// A flow with one leg missing (LRU evicted it, a crash left it): never an un-NATed reply.
+fn half_flow_cases() -> Vec<Case> {
+    let syn = Pkt::tcp(C, FE, SYN);
+    let ack = Pkt::tcp(C, FE, ACK | PSH);
+    let reply = Pkt::tcp(BE_A, C, ACK | PSH);
+    let fwd = tuple(C, FE, TCP);
+    let rev_a = tuple(BE_A, C, TCP);
+    vec![
+        case(
+            "a_forward_leg_without_its_reply_leg_repairs_it_before_any_reply",
+            web(1),
+            vec![
+                from_pod("SYN", &syn)
+                    .nat(&syn.clone().with_dst(BE_A.0, BE_A.1), R::REASON_NAT_NEW)
+                    .svc(SVC),
+                from_pod("data after the reply leg was evicted", &ack)
+                    .before(vec![Setup::DelCt(rev_a)])
+                    .nat(&ack.clone().with_dst(BE_A.0, BE_A.1), R::REASON_CT_REPAIRED)
+                    .svc(SVC),
+                to_pod("the reply is reverse-NATed", &reply).nat(
+                    &reply.clone().with_src(VIP, VPORT).towards_pod(),
+                    R::REASON_REV_NAT,
+                ),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(fwd, BE_A, SVC, SYN | ACK),
+                    Ct::rev(rev_a, FE, SVC, ACK),
+                ],
+                svc: vec![(SVC, count(2, len(&syn) + len(&ack)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "a_reply_leg_without_its_forward_leg_is_the_flows_own_when_its_backend_is_picked",
+            web(1),
+            vec![
+                from_pod("SYN", &syn)
+                    .nat(&syn.clone().with_dst(BE_A.0, BE_A.1), R::REASON_NAT_NEW)
+                    .svc(SVC),
+                from_pod("data after the forward leg was evicted", &ack)
+                    .before(vec![Setup::DelCt(fwd)])
+                    .nat(&ack.clone().with_dst(BE_A.0, BE_A.1), R::REASON_NAT_NEW)
+                    .svc(SVC),
+            ],
+            Expect {
+                ct: vec![Ct::fwd(fwd, BE_A, SVC, ACK), Ct::rev(rev_a, FE, SVC, 0)],
+                svc: vec![(SVC, count(2, len(&syn) + len(&ack)))],
+                ..Default::default()
+            },
+        ),
+    ]
+}
+
+/// Endpoint changes as kube-proxy handles them: TCP flows finish, UDP flows move on.
+fn endpoint_change_cases() -> Vec<Case> {
+    let q = Pkt::udp(C, DNS_FE, b"query");
+    let be_dns2 = (Ipv4Addr::new(10, 0, 3, 9), 5353);
+    let ack = Pkt::tcp(C, FE, ACK | PSH);
+    let syn = Pkt::tcp(C, FE, SYN);
+    let left = |svc, addr| Setup::Member {
+        svc,
+        addr,
+        present: false,
+    };
+    vec![
+        case(
+            "udp_flow_to_a_backend_that_left_its_set_moves_to_another",
+            dns(),
+            vec![
+                from_pod("query", &q)
+                    .nat(&q.clone().with_dst(BE_DNS.0, BE_DNS.1), R::REASON_NAT_NEW)
+                    .svc(DNS_SVC),
+                from_pod("next query: the backend left, the generation changed", &q)
+                    .before(vec![
+                        left(DNS_SVC, BE_DNS),
+                        be(DNS_SVC, 0, be_dns2),
+                        Setup::Gen {
+                            vip: DNS_VIP,
+                            port: DNS_PORT,
+                            proto: UDP,
+                            gen: 1,
+                        },
+                    ])
+                    .nat(
+                        &q.clone().with_dst(be_dns2.0, be_dns2.1),
+                        R::REASON_UDP_REBALANCED,
+                    )
+                    .svc(DNS_SVC),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, DNS_FE, UDP), be_dns2, DNS_SVC, 0).gen(1),
+                    Ct::rev(tuple(be_dns2, C, UDP), DNS_FE, DNS_SVC, 0).gen(1),
+                ],
+                svc: vec![(DNS_SVC, count(2, 2 * len(&q)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "udp_flow_whose_backend_is_still_a_member_keeps_it_across_a_generation_change",
+            dns(),
+            vec![
+                from_pod("query", &q)
+                    .nat(&q.clone().with_dst(BE_DNS.0, BE_DNS.1), R::REASON_NAT_NEW)
+                    .svc(DNS_SVC),
+                from_pod("next query: another backend left (gen 1)", &q)
+                    .before(vec![Setup::Gen {
+                        vip: DNS_VIP,
+                        port: DNS_PORT,
+                        proto: UDP,
+                        gen: 1,
+                    }])
+                    .nat(
+                        &q.clone().with_dst(BE_DNS.0, BE_DNS.1),
+                        R::REASON_NAT_ESTABLISHED,
+                    )
+                    .svc(DNS_SVC),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, DNS_FE, UDP), BE_DNS, DNS_SVC, 0).gen(1),
+                    Ct::rev(tuple(BE_DNS, C, UDP), DNS_FE, DNS_SVC, 0),
+                ],
+                svc: vec![(DNS_SVC, count(2, 2 * len(&q)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "tcp_flow_to_a_backend_that_left_its_set_keeps_it",
+            web(1),
+            vec![
+                from_pod("SYN", &syn)
+                    .nat(&syn.clone().with_dst(BE_A.0, BE_A.1), R::REASON_NAT_NEW)
+                    .svc(SVC),
+                from_pod("data: A left, slot 0 is B, gen 1", &ack)
+                    .before(vec![
+                        left(SVC, BE_A),
+                        be(SVC, 0, BE_B),
+                        Setup::Gen {
+                            vip: VIP,
+                            port: VPORT,
+                            proto: TCP,
+                            gen: 1,
+                        },
+                    ])
+                    .nat(
+                        &ack.clone().with_dst(BE_A.0, BE_A.1),
+                        R::REASON_NAT_ESTABLISHED,
+                    )
+                    .svc(SVC),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, FE, TCP), BE_A, SVC, SYN | ACK),
+                    Ct::rev(tuple(BE_A, C, TCP), FE, SVC, 0),
+                ],
+                svc: vec![(SVC, count(2, len(&syn) + len(&ack)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "affinity_to_a_backend_that_left_its_set_is_not_used",
+            vec![
+                Setup::Frontend {
+                    vip: VIP,
+                    port: VPORT,
+                    proto: TCP,
+                    svc: SVC,
+                    count: 1,
+                    flags: AFF,
+                    timeout: AFF_TIMEOUT,
+                },
+                be(SVC, 0, BE_A),
+                Setup::Affinity {
+                    client: CLIENT,
+                    svc: SVC,
+                    backend: BE_B,
+                    age: Age::Secs(5),
+                },
+            ],
+            vec![from_pod("new flow; the remembered B is no member", &syn)
+                .nat(&syn.clone().with_dst(BE_A.0, BE_A.1), R::REASON_NAT_NEW)
+                .svc(SVC)],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, FE, TCP), BE_A, SVC, SYN),
+                    Ct::rev(tuple(BE_A, C, TCP), FE, SVC, 0),
+                ],
+                aff: vec![Aff {
+                    client: CLIENT,
+                    svc: SVC,
+                    backend: BE_A,
+                    used: true,
+                }],
+                svc: vec![(SVC, count(1, len(&syn)))],
+                ..Default::default()
+            },
+        ),
+        case(
+            "a_deleted_frontends_tcp_flow_keeps_its_backend_and_its_udp_flow_ends",
+            [web(1), dns()].concat(),
+            vec![
+                from_pod("SYN", &syn)
+                    .nat(&syn.clone().with_dst(BE_A.0, BE_A.1), R::REASON_NAT_NEW)
+                    .svc(SVC),
+                from_pod("query", &q)
+                    .nat(&q.clone().with_dst(BE_DNS.0, BE_DNS.1), R::REASON_NAT_NEW)
+                    .svc(DNS_SVC),
+                from_pod("data after the web Service was deleted", &ack)
+                    .before(vec![
+                        Setup::DelFrontend(VIP, VPORT, TCP),
+                        Setup::DelFrontend(DNS_VIP, DNS_PORT, UDP),
+                    ])
+                    .nat(
+                        &ack.clone().with_dst(BE_A.0, BE_A.1),
+                        R::REASON_NAT_ESTABLISHED,
+                    ),
+                from_pod("a query after the DNS Service was deleted", &q).pass(R::REASON_PASS),
+            ],
+            Expect {
+                ct: vec![
+                    Ct::fwd(tuple(C, FE, TCP), BE_A, SVC, SYN | ACK),
+                    Ct::rev(tuple(BE_A, C, TCP), FE, SVC, 0),
+                ],
+                svc: vec![(SVC, count(1, len(&syn))), (DNS_SVC, count(1, len(&q)))],
+                ..Default::default()
+            },
+        ),
+    ]
+}
+
+/// A pod may only send from its own address.
+fn source_check_cases() -> Vec<Case> {
+    let syn = Pkt::tcp(C, FE, SYN);
+    let forged = Pkt::tcp((CLIENT2, CPORT), FE, SYN);
+    let forged_reply = Pkt::tcp((CLIENT2, 8080), (OTHER, 40001), SYN | ACK);
+    vec![case(
+        "a_pod_sending_from_another_address_is_dropped",
+        [web(1), vec![Setup::PodAddr(CLIENT)]].concat(),
+        vec![
+            from_pod("SYN from another pod's address", &forged).drop(R::REASON_DROP_SPOOFED),
+            from_pod("a forged segment to plant a flow", &forged_reply)
+                .drop(R::REASON_DROP_SPOOFED),
+            from_pod_raw("ARP is not checked", arp_frame()).pass(R::REASON_PASS_NON_IPV4),
+            from_pod("SYN from its own address", &syn)
+                .nat(&syn.clone().with_dst(BE_A.0, BE_A.1), R::REASON_NAT_NEW)
+                .svc(SVC),
+            to_pod(
+                "packets to the pod are not checked",
+                &Pkt::tcp((OTHER, 80), (CLIENT2, 9), ACK),
+            )
+            .pass(R::REASON_PASS),
+        ],
+        Expect {
+            ct: vec![
+                Ct::fwd(tuple(C, FE, TCP), BE_A, SVC, SYN),
+                Ct::rev(tuple(BE_A, C, TCP), FE, SVC, 0),
+            ],
+            svc: vec![(SVC, count(1, len(&syn)))],
+            pod: Some(PodCount {
+                tx_packets: 4,
+                tx_bytes: len(&forged) + len(&forged_reply) + arp_frame().len() as u64 + len(&syn),
+                rx_packets: 1,
+                rx_bytes: len(&Pkt::tcp((OTHER, 80), (CLIENT2, 9), ACK)),
+            }),
             ..Default::default()
         },
     )]
@@ -1889,7 +2624,7 @@ fn prog_test_run_timing() {
     for (i, b) in bes.iter().enumerate() {
         dp.backend(SVC, i as u32, b.0, b.1);
     }
-    dp.pod_entry(POD_IFINDEX);
+    dp.pod_entry(POD_IFINDEX, Ipv4Addr::UNSPECIFIED);
     let reason = |r: R| dp.reasons()[r.0 as usize].packets;
     let mut out = vec![];
 

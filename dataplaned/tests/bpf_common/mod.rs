@@ -30,6 +30,8 @@ pub const MAC_HOST: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xee];
 pub const POD_IFINDEX: u32 = 1;
 /// bpf/config.h default.
 pub const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+/// The one translated source port the table tests allow (bpf/config.h xlate_port_min/max).
+pub const XPORT: u16 = 20000;
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -340,15 +342,32 @@ impl Pkt {
 
     /// The ICMP destination-unreachable/port-unreachable sluice answers this packet with: the
     /// original IP header and the start of its payload (RFC 792's 8 bytes for UDP, the whole
-    /// 20-byte TCP header for TCP), sent back on the same link.
+    /// 20-byte TCP header for TCP), sent back on the same link. The quoted L4 checksum field holds
+    /// the value that checksum completion leaves unchanged (see `completion_fixed_point`).
     pub fn port_unreachable(&self) -> Vec<u8> {
+        self.icmp_unreachable(true)
+    }
+
+    /// The ICMP port unreachable a host's own stack sends about this packet: the quote as the
+    /// packet was, checksum included.
+    pub fn host_port_unreachable(&self) -> Vec<u8> {
+        self.icmp_unreachable(false)
+    }
+
+    fn icmp_unreachable(&self, fixed_point: bool) -> Vec<u8> {
         let orig = self.bytes();
-        let payload = if matches!(self.l4, L4::Tcp { .. }) {
-            20
+        let (payload, csum_at) = if matches!(self.l4, L4::Tcp { .. }) {
+            (20, 16)
         } else {
-            8
+            (8, 6)
         };
-        let quote = &orig[14..14 + self.ihl() * 4 + payload];
+        let mut quote = orig[14..14 + self.ihl() * 4 + payload].to_vec();
+        let l4 = self.ihl() * 4;
+        if fixed_point {
+            let f = completion_fixed_point(&quote[l4..], csum_at);
+            quote[l4 + csum_at..l4 + csum_at + 2].copy_from_slice(&f.to_be_bytes());
+        }
+        let quote = &quote[..];
         let icmp = Icmpv4Header::with_checksum(
             Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
             quote,
@@ -375,6 +394,29 @@ impl Pkt {
         out.extend_from_slice(quote);
         out
     }
+}
+
+/// What the kernel's skb_checksum_help writes into the checksum field at `field` of `l4` (a
+/// CHECKSUM_PARTIAL packet whose checksum is completed over `l4`): csum_fold of the sum, 0 sent
+/// as 0xffff.
+pub fn checksum_completion(l4: &[u8]) -> u16 {
+    match !ones_complement_sum(l4) {
+        0 => 0xffff,
+        f => f,
+    }
+}
+
+/// The value F of the checksum field at `field` for which completing the checksum over `l4`
+/// writes F again, found by search (independently of how the program computes it).
+pub fn completion_fixed_point(l4: &[u8], field: usize) -> u16 {
+    let mut buf = l4.to_vec();
+    for f in 0..=u16::MAX {
+        buf[field..field + 2].copy_from_slice(&f.to_be_bytes());
+        if checksum_completion(&buf) == f {
+            return f;
+        }
+    }
+    panic!("no fixed point");
 }
 
 /// An ARP request from the pod for its gateway.
@@ -603,7 +645,7 @@ impl Tuple {
             pad: [0; 3],
         }
     }
-    fn of(k: &types::ct_key) -> Tuple {
+    pub fn of(k: &types::ct_key) -> Tuple {
         assert_eq!(k.pad, [0; 3], "ct_key padding not zero");
         Tuple {
             saddr: ip_of(k.saddr),
@@ -636,15 +678,24 @@ pub struct Ct {
     pub nat_daddr: Ipv4Addr,
     pub nat_dport: u16,
     pub svc: u32,
+    pub gen: u32,
+    pub tun: Ipv4Addr,
     pub flags: u8,
     pub seen: u32,
     pub ts: Ts,
 }
 
+/// ct_value.seen: "a packet crossed in this direction" (bpf/consts.h CT_SEEN_PKT).
+pub const SEEN: u32 = types::tcp_flag_bits::CT_SEEN_PKT.0;
+/// A DIRECT entry keeps the peer's flags above the pod's.
+pub const PEER: u32 = 8;
+pub const XLATE: u8 = types::ct_flags::CT_F_XLATE.0;
+
 const ZERO: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 
 impl Ct {
-    /// Forward leg: client -> frontend, DNAT to `backend`.
+    /// Forward leg: client -> frontend, DNAT to `backend`; `seen`: the TCP flags its packets
+    /// carried (a forward leg is created by a packet, so it has always seen one).
     pub fn fwd(key: Tuple, backend: (Ipv4Addr, u16), svc: u32, seen: u8) -> Ct {
         Ct {
             key,
@@ -654,12 +705,15 @@ impl Ct {
             nat_daddr: backend.0,
             nat_dport: backend.1,
             svc,
+            gen: 0,
+            tun: ZERO,
             flags: 0,
-            seen: seen as u32,
+            seen: seen as u32 | SEEN,
             ts: Ts::New,
         }
     }
-    /// Reverse leg: backend -> client, source restored to `frontend`.
+    /// Reverse leg: backend -> client, source restored to `frontend`; `seen`: the TCP flags of
+    /// the replies (non-zero implies a reply passed; a UDP reply is `replied()`).
     pub fn rev(key: Tuple, frontend: (Ipv4Addr, u16), svc: u32, seen: u8) -> Ct {
         Ct {
             key,
@@ -669,10 +723,85 @@ impl Ct {
             nat_daddr: ZERO,
             nat_dport: 0,
             svc,
+            gen: 0,
+            tun: ZERO,
             flags: 0,
-            seen: seen as u32,
+            seen: if seen != 0 { seen as u32 | SEEN } else { 0 },
             ts: Ts::New,
         }
+    }
+    /// A pod's direct flow, keyed by the direction reaching the pod; `pod`/`peer`: the TCP
+    /// flags each side sent (0 = none seen from that side; UDP: `SEEN as u8` for "one seen").
+    pub fn direct(key: Tuple, pod: u8, peer: u8) -> Ct {
+        let side = |f: u8| if f != 0 { f as u32 | SEEN } else { 0 };
+        Ct {
+            key,
+            ty: types::ct_type::CT_TYPE_DIRECT.0,
+            nat_saddr: ZERO,
+            nat_sport: 0,
+            nat_daddr: ZERO,
+            nat_dport: 0,
+            svc: 0,
+            gen: 0,
+            tun: ZERO,
+            flags: 0,
+            seen: side(pod) | side(peer) << PEER,
+            ts: Ts::New,
+        }
+    }
+    /// A pod's direct flow whose source port is translated to `port`: its forward leg.
+    pub fn xlate_fwd(key: Tuple, port: u16, seen: u8) -> Ct {
+        Ct {
+            key,
+            ty: types::ct_type::CT_TYPE_FWD.0,
+            nat_saddr: ZERO,
+            nat_sport: port,
+            nat_daddr: ZERO,
+            nat_dport: 0,
+            svc: 0,
+            gen: 0,
+            tun: ZERO,
+            flags: XLATE,
+            seen: seen as u32 | SEEN,
+            ts: Ts::New,
+        }
+    }
+    /// Its reply leg: destination port restored to `orig`.
+    pub fn xlate_rev(key: Tuple, orig: u16, seen: u8) -> Ct {
+        Ct {
+            key,
+            ty: types::ct_type::CT_TYPE_REV.0,
+            nat_saddr: ZERO,
+            nat_sport: 0,
+            nat_daddr: ZERO,
+            nat_dport: orig,
+            svc: 0,
+            gen: 0,
+            tun: ZERO,
+            flags: XLATE,
+            seen: if seen != 0 { seen as u32 | SEEN } else { 0 },
+            ts: Ts::New,
+        }
+    }
+    /// A UDP reply passed (no TCP flags to record).
+    pub fn replied(mut self) -> Ct {
+        self.seen |= SEEN;
+        self
+    }
+    /// A service flow's client port translated to `port` (forward leg) / restored from it
+    /// (reply leg: pass the original port).
+    pub fn xlated(mut self, port: u16) -> Ct {
+        self.flags |= XLATE;
+        if self.ty == types::ct_type::CT_TYPE_FWD.0 {
+            self.nat_sport = port;
+        } else {
+            self.nat_dport = port;
+        }
+        self
+    }
+    pub fn gen(mut self, gen: u32) -> Ct {
+        self.gen = gen;
+        self
     }
     /// Forward leg of a hairpinned flow: the source also becomes `hairpin`.
     pub fn hairpin_fwd(
@@ -706,7 +835,7 @@ impl Ct {
         self.ts = ts;
         self
     }
-    fn of(k: &types::ct_key, v: &types::ct_value) -> Ct {
+    pub fn of(k: &types::ct_key, v: &types::ct_value) -> Ct {
         assert_eq!(v.pad, [0; 2], "ct_value padding not zero");
         Ct {
             key: Tuple::of(k),
@@ -715,10 +844,30 @@ impl Ct {
             nat_sport: u16::from_be(v.nat_sport),
             nat_daddr: ip_of(v.nat_daddr),
             nat_dport: u16::from_be(v.nat_dport),
-            svc: v.svc_id,
+            svc: v.set_id,
+            gen: v.gen,
+            tun: ip_of(v.tun_addr),
             flags: v.flags.0,
-            seen: v.tcp_flags_seen.0,
+            seen: v.seen.0,
             ts: Ts::New, // judged separately
+        }
+    }
+    /// The map value this entry describes, with the given timestamps.
+    pub fn value(&self, created_ns: u64, last_seen_ns: u64) -> types::ct_value {
+        types::ct_value {
+            created_ns,
+            last_seen_ns,
+            nat_saddr: be32(self.nat_saddr),
+            nat_daddr: be32(self.nat_daddr),
+            nat_sport: self.nat_sport.to_be(),
+            nat_dport: self.nat_dport.to_be(),
+            set_id: self.svc,
+            gen: self.gen,
+            tun_addr: be32(self.tun),
+            seen: types::tcp_flag_bits(self.seen),
+            r#type: types::ct_type(self.ty),
+            flags: types::ct_flags(self.flags),
+            pad: [0; 2],
         }
     }
 }
@@ -741,7 +890,7 @@ pub enum Age {
 }
 
 impl Age {
-    fn ns(self) -> u64 {
+    pub fn ns(self) -> u64 {
         match self {
             Age::Fresh => mono_ns(),
             Age::Secs(s) => mono_ns() - s * 1_000_000_000,
@@ -756,7 +905,7 @@ pub struct Count {
     pub bytes: u64,
 }
 
-/// Sum of a per-CPU `struct pod_stats` entry.
+/// Sum of a per-CPU `struct pod_info` entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodCount {
     pub rx_packets: u64,
@@ -791,8 +940,14 @@ impl Dp {
         Dp::load_with(None)
     }
 
-    /// Loads pod_veth, optionally with another hairpin address in .rodata.
+    /// Loads pod_veth, optionally with another hairpin address in .rodata. Translated source
+    /// ports come from the single port XPORT, so translations are deterministic.
     pub fn load_with(hairpin: Option<Ipv4Addr>) -> Dp {
+        Dp::load_opts(hairpin, (XPORT, XPORT))
+    }
+
+    /// Loads pod_veth with a hairpin address and translated-port range of choice.
+    pub fn load_opts(hairpin: Option<Ipv4Addr>, xlate: (u16, u16)) -> Dp {
         require_root();
         // The open object must outlive the skeleton; a test's worth of leak is fine.
         let storage = Box::leak(Box::new(MaybeUninit::uninit()));
@@ -812,6 +967,8 @@ impl Dp {
         if let Some(h) = hairpin {
             rodata.hairpin_addr = be32(h);
         }
+        rodata.xlate_port_min = xlate.0;
+        rodata.xlate_port_max = xlate.1;
         let skel = open.load().expect("loading pod_veth (verifier log above)");
         Dp {
             skel,
@@ -857,23 +1014,62 @@ impl Dp {
         flags: u32,
         affinity_timeout: u32,
     ) {
+        let v = types::frontend_value {
+            cluster_id: svc,
+            cluster_count: count,
+            local_id: svc,
+            local_count: 0,
+            affinity_timeout,
+            gen: 0,
+            flags: types::frontend_flags(flags),
+            kind: types::frontend_kind::FE_KIND_CLUSTER_IP,
+            pad: [0; 3],
+        };
+        self.frontend_value(vip, port, proto, v);
+    }
+
+    /// Writes a whole frontend value.
+    pub fn frontend_value(&self, vip: Ipv4Addr, port: u16, proto: u8, v: types::frontend_value) {
         let k = types::frontend_key {
-            vip: be32(vip),
+            addr: be32(vip),
             port: port.to_be(),
             proto,
             pad: 0,
         };
-        let v = types::frontend_value {
-            svc_id: svc,
-            backend_count: count,
-            affinity_timeout,
-            flags: types::frontend_flags(flags),
-        };
         self.skel
             .maps
-            .sl_fe_v1
+            .sl_fe_v2
             .update(as_bytes(&k), as_bytes(&v), MapFlags::ANY)
-            .expect("sl_fe_v1 update");
+            .expect("sl_fe_v2 update");
+    }
+
+    /// The frontend's current value.
+    pub fn frontend_get(&self, vip: Ipv4Addr, port: u16, proto: u8) -> types::frontend_value {
+        let k = types::frontend_key {
+            addr: be32(vip),
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        };
+        from_bytes(
+            &self
+                .skel
+                .maps
+                .sl_fe_v2
+                .lookup(as_bytes(&k), MapFlags::ANY)
+                .unwrap()
+                .expect("frontend"),
+        )
+    }
+
+    pub fn del_frontend(&self, vip: Ipv4Addr, port: u16, proto: u8) {
+        let k = types::frontend_key {
+            addr: be32(vip),
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        };
+        let _ = self.skel.maps.sl_fe_v2.delete(as_bytes(&k));
     }
 
     /// The {vip, 0, 0} entry that marks a VIP for fragment handling.
@@ -886,27 +1082,67 @@ impl Dp {
             .unwrap();
     }
 
+    /// A slot, and the backend's membership of the set (as the writer keeps them).
     pub fn backend(&self, svc: u32, slot: u32, addr: Ipv4Addr, port: u16) {
-        let k = types::backend_key { svc_id: svc, slot };
+        let k = types::backend_key { set_id: svc, slot };
         let v = types::backend_value {
             addr: be32(addr),
             port: port.to_be(),
             flags: 0,
+            node: 0,
         };
         self.skel
             .maps
-            .sl_be_v1
+            .sl_be_v2
             .update(as_bytes(&k), as_bytes(&v), MapFlags::ANY)
-            .expect("sl_be_v1 update");
+            .expect("sl_be_v2 update");
+        self.member(svc, addr, port, true);
     }
 
     pub fn del_backend(&self, svc: u32, slot: u32) {
-        let k = types::backend_key { svc_id: svc, slot };
+        let k = types::backend_key { set_id: svc, slot };
         self.skel
             .maps
-            .sl_be_v1
+            .sl_be_v2
             .delete(as_bytes(&k))
-            .expect("sl_be_v1 delete");
+            .expect("sl_be_v2 delete");
+    }
+
+    /// Adds or removes a backend's membership of a set.
+    pub fn member(&self, svc: u32, addr: Ipv4Addr, port: u16, present: bool) {
+        let k = types::member_key {
+            set_id: svc,
+            addr: be32(addr),
+            port: port.to_be(),
+            pad: 0,
+        };
+        let m = &self.skel.maps.sl_bm_v1;
+        if present {
+            m.update(as_bytes(&k), as_bytes(&1u32), MapFlags::ANY)
+                .expect("sl_bm_v1 update");
+        } else {
+            let _ = m.delete(as_bytes(&k));
+        }
+    }
+
+    /// Writes a conntrack entry as it is described, last seen `age` ago.
+    pub fn ct_put(&self, ct: &Ct, age: Age) -> (u64, u64) {
+        let last = age.ns();
+        let created = last - 5_000_000_000;
+        self.skel
+            .maps
+            .sl_ct_v2
+            .update(
+                as_bytes(&ct.key.key()),
+                as_bytes(&ct.value(created, last)),
+                MapFlags::ANY,
+            )
+            .expect("sl_ct_v2 update");
+        (created, last)
+    }
+
+    pub fn ct_del(&self, t: Tuple) {
+        let _ = self.skel.maps.sl_ct_v2.delete(as_bytes(&t.key()));
     }
 
     pub fn affinity(
@@ -933,14 +1169,20 @@ impl Dp {
             .expect("sl_aff_v1 update");
     }
 
-    pub fn pod_entry(&self, ifindex: u32) {
+    /// The per-pod entry the daemon creates on attach; `addr`: the pod's address (its only
+    /// allowed source), or UNSPECIFIED for none checked.
+    pub fn pod_entry(&self, ifindex: u32, addr: Ipv4Addr) {
         let cpus = libbpf_rs::num_possible_cpus().expect("possible CPUs");
-        let zero = vec![as_bytes(&types::pod_stats::default()).to_vec(); cpus];
+        let v = types::pod_info {
+            addr: be32(addr),
+            ..Default::default()
+        };
+        let vals = vec![as_bytes(&v).to_vec(); cpus];
         self.skel
             .maps
-            .sl_pod_v1
-            .update_percpu(as_bytes(&ifindex), &zero, MapFlags::ANY)
-            .expect("sl_pod_v1 update");
+            .sl_pod_v2
+            .update_percpu(as_bytes(&ifindex), &vals, MapFlags::ANY)
+            .expect("sl_pod_v2 update");
     }
 
     /// Moves a conntrack entry's timestamps back: created `age`+5 s ago, last seen `age` ago.
@@ -949,7 +1191,7 @@ impl Dp {
         let raw = self
             .skel
             .maps
-            .sl_ct_v1
+            .sl_ct_v2
             .lookup(as_bytes(&k), MapFlags::ANY)
             .unwrap()
             .expect("aging a missing CT entry");
@@ -958,7 +1200,7 @@ impl Dp {
         v.created_ns = v.last_seen_ns - 5_000_000_000;
         self.skel
             .maps
-            .sl_ct_v1
+            .sl_ct_v2
             .update(as_bytes(&k), as_bytes(&v), MapFlags::EXIST)
             .unwrap();
         (v.created_ns, v.last_seen_ns)
@@ -968,7 +1210,7 @@ impl Dp {
 
     /// Every conntrack entry with its (created_ns, last_seen_ns).
     pub fn ct_raw(&self) -> BTreeMap<Tuple, (types::ct_value, Ct)> {
-        let m = &self.skel.maps.sl_ct_v1;
+        let m = &self.skel.maps.sl_ct_v2;
         let mut out = BTreeMap::new();
         for kb in m.keys() {
             let k: types::ct_key = from_bytes(&kb);
@@ -985,14 +1227,14 @@ impl Dp {
     pub fn ct_get(&self, t: Tuple) -> Option<types::ct_value> {
         self.skel
             .maps
-            .sl_ct_v1
+            .sl_ct_v2
             .lookup(as_bytes(&t.key()), MapFlags::ANY)
             .unwrap()
             .map(|b| from_bytes(&b))
     }
 
     pub fn ct_len(&self) -> usize {
-        self.skel.maps.sl_ct_v1.keys().count()
+        self.skel.maps.sl_ct_v2.keys().count()
     }
 
     /// Every affinity entry with its last_used_ns.
@@ -1036,7 +1278,7 @@ impl Dp {
     /// All reason counters, indexed by enum reason.
     pub fn reasons(&self) -> Vec<Count> {
         (0..types::reason::REASON_MAX.0)
-            .map(|r| Dp::counter(&self.skel.maps.sl_rsn_v1, r))
+            .map(|r| Dp::counter(&self.skel.maps.sl_rsn_v2, r))
             .collect()
     }
 
@@ -1048,12 +1290,12 @@ impl Dp {
         let per_cpu = self
             .skel
             .maps
-            .sl_pod_v1
+            .sl_pod_v2
             .lookup_percpu(as_bytes(&ifindex), MapFlags::ANY)
             .unwrap()?;
         let mut sum = PodCount::default();
         for b in per_cpu {
-            let s: types::pod_stats = from_bytes(&b);
+            let s: types::pod_info = from_bytes(&b);
             sum.rx_packets += s.rx_packets;
             sum.rx_bytes += s.rx_bytes;
             sum.tx_packets += s.tx_packets;
@@ -1063,7 +1305,7 @@ impl Dp {
     }
 
     pub fn pod_entries(&self) -> usize {
-        self.skel.maps.sl_pod_v1.keys().count()
+        self.skel.maps.sl_pod_v2.keys().count()
     }
 }
 
