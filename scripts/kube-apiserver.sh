@@ -23,6 +23,14 @@
 #       the same port, certificates, token, flags and etcd: the kubeconfig stays valid and the
 #       objects stay (for "API server away, then back" tests).
 #
+# Cold build, measured on this project's 2-core Debian 12 VM (2025-12-01), `build` from nothing
+# in the cache, Go toolchain already installed: 6 min 30 s wall (7 min 57 s user CPU) with the
+# machine otherwise mostly idle; 23 min wall (9 min 30 s user) while other engineers' cargo
+# builds ran at normal priority (the Go build runs at nice 10). Of that, apt + downloads take
+# ~20 s; `make WHAT=cmd/kube-apiserver` the rest. Cached afterwards: `build` returns at once.
+# `start`: /readyz ok ~6 s after launch on an idle machine, 8-14 s with four servers starting
+# at once next to other builds.
+#
 # Nothing is installed system-wide besides build tools: etcd and kubectl are unpacked from their
 # Debian packages into the cache (installing etcd-server would start a system etcd on :2379, and
 # Debian's kubernetes-client would clash with an installed /usr/bin/kubectl).
