@@ -459,7 +459,7 @@ impl KubeApiServer {
 
 impl Drop for KubeApiServer {
     fn drop(&mut self) {
-        if std::thread::panicking() && !self.stopped {
+        if std::thread::panicking() && !self.stopped && !self.url.is_empty() {
             eprintln!(
                 "--- kube-apiserver log ({}), last lines:\n{}",
                 self.dir.path().join("kube-apiserver.log").display(),
