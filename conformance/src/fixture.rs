@@ -240,6 +240,7 @@ pub fn sweep_leftovers() {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(PREFIX) && e.path().is_dir() && !owner_alive(&name) {
+                kill_recorded(&e.path());
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -250,6 +251,34 @@ pub fn sweep_leftovers() {
             if name.starts_with(PREFIX) && !owner_alive(&name) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
+        }
+    }
+}
+
+/// Kills the processes recorded in `dir/*.pid` (e.g. etcd and kube-apiserver of
+/// `kube::KubeApiServer`) whose command line still names `dir`: a pid that was reused by an
+/// unrelated process is left alone.
+fn kill_recorded(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let needle = dir.to_string_lossy().into_owned();
+    for e in entries.flatten() {
+        if e.path().extension().and_then(|x| x.to_str()) != Some("pid") {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(e.path())
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod cases;
 pub mod cni;
 pub mod cnitool;
 pub mod fixture;
+pub mod kube;
 pub mod netstate;
 pub mod ns;
 pub mod report;
