@@ -241,7 +241,9 @@ fn removing_a_backend_moves_new_connections_and_keeps_established_ones() {
         "the established connection to a still-present backend keeps working"
     );
 
-    // Now the kept backend is replaced by the other one: its flows stop, new ones go to the other.
+    // Now the kept backend is replaced by the other one: new connections go to the other, and
+    // the established connection to the removed one keeps going (kube-proxy's rule: endpoint
+    // changes never cut TCP connections; they finish or time out).
     node.apply(&service(
         "web",
         "10.96.0.30",
@@ -254,28 +256,10 @@ fn removing_a_backend_moves_new_connections_and_keeps_established_ones() {
     .unwrap();
     let answers = tcp_ask_many(&client.ns, "10.96.0.30", 80, 5).unwrap();
     assert!(answers.iter().all(|(_, b)| *b == other.ip), "{answers:?}");
-    let flows = node.get_json("conntrack").unwrap();
-    let to_removed = flows["flows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| {
-            f["backend"]
-                .as_str()
-                .unwrap()
-                .starts_with(&format!("{}:", kept_pod.ip))
-        })
-        .count();
     assert_eq!(
-        to_removed, 0,
-        "flows to a removed backend were purged: {flows}"
-    );
-    // And the connection to it stops: its next segment is a new flow to the other backend,
-    // which resets it.
-    let after = ask();
-    assert_ne!(
-        after, kept_pod.ip,
-        "the connection to a removed backend must stop"
+        ask(),
+        kept_pod.ip,
+        "the connection to a removed backend keeps working"
     );
 }
 
