@@ -166,7 +166,7 @@ fn sigterm_leaves_the_datapath_running_and_cleanup_removes_it() {
     let before = tx(&node.status_json().unwrap());
     node.stop_daemon().unwrap();
     assert!(
-        node.bpffs.join("maps/sl_ct_v1").exists() && node.bpffs.join("progs/from_pod").exists()
+        node.bpffs.join("maps/sl_ct_v2").exists() && node.bpffs.join("progs/from_pod").exists()
     );
     assert!(
         node.programs_attached(&a) && node.programs_attached(&b),

@@ -140,7 +140,7 @@ fn clusterip_udp_request_response() {
             flow["state"].as_str(),
             flow["has_reverse"].as_bool()
         ),
-        (Some("UDP"), Some("udp"), Some(true))
+        (Some("UDP"), Some("udp_replied"), Some(true))
     );
     assert_eq!(flow["service"], "demo/dns:p/UDP");
 }
@@ -470,7 +470,7 @@ fn ten_thousand_services_apply_and_a_lookup_still_succeeds() {
     );
     let out = node.apply(&one).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(text.contains("(2 map writes"), "{text}");
+    assert!(text.contains("(3 map writes"), "{text}");
     let st = node.status_json().unwrap();
     assert_eq!(st["frontends"], 10_000);
 }
