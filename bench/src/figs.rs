@@ -72,6 +72,8 @@ pub struct Cfg {
     pub restarts: usize,
     pub bpf_runs: usize,
     pub bpf_repeat: u32,
+    /// Programming-figure timeout (s).
+    pub timeout: f64,
     pub json: PathBuf,
 }
 
@@ -199,6 +201,8 @@ fn trial(cfg: &Cfg, t: &SingleNode, targets: &[SocketAddr]) -> Result<Value> {
 /// with nothing loaded; the mode's N services programmed; the direct path with the rules
 /// loaded; the service path.
 pub fn dataplane(cfg: &Cfg, res: &mut Results) -> Result<()> {
+    // Loading the rules here is set-up, not the figure: no programming timeout.
+    fx::set_timeout(Duration::from_secs(1800));
     let modes = measured_modes(cfg);
     let mut k = 0;
     for round in 0..cfg.rounds {
@@ -275,7 +279,27 @@ fn api_apply_times(node: &Node, texts: &[String]) -> Result<Vec<f64>> {
     })
 }
 
+/// Records a timed step: its ms, or (killed after the timeout) null and `<key>_timed_out_s`.
+/// Ok(false) when it timed out: the steps after it, which need its state, are skipped.
+fn step(rec: &mut Value, key: &str, r: Result<Duration>) -> Result<bool> {
+    match r {
+        Ok(d) => {
+            rec[key] = json!(ms(d));
+            Ok(true)
+        }
+        Err(e) => match e.downcast_ref::<fx::TimedOut>() {
+            Some(t) => {
+                rec[key] = Value::Null;
+                rec[format!("{key}_timed_out_s")] = json!(t.0.as_secs_f64());
+                Ok(false)
+            }
+            None => Err(e),
+        },
+    }
+}
+
 pub fn prog(cfg: &Cfg, res: &mut Results) -> Result<()> {
+    fx::set_timeout(Duration::from_secs_f64(cfg.timeout));
     let modes: Vec<Mode> = measured_modes(cfg)
         .into_iter()
         .filter(|m| *m != Mode::Direct)
@@ -296,34 +320,39 @@ pub fn prog(cfg: &Cfg, res: &mut Results) -> Result<()> {
                 let last = svcs.last().unwrap();
                 let last_changed = changed.last().unwrap();
                 let mut rec = json!({"round": round, "n": n, "mode": mode.name()});
-                match mode {
-                    Mode::IptablesNft | Mode::IptablesLegacy => {
+                let r = match mode {
+                    Mode::IptablesNft | Mode::IptablesLegacy => (|| -> Result<()> {
                         let ns = Netns::new("g")?;
                         modes::ipt_restore(mode, &ns, &rules::iptables_base())?;
                         let full = rules::iptables_full(&svcs, &[]);
                         rec["ruleset_bytes"] = json!(full.len());
                         rec["ruleset_lines"] = json!(full.lines().count());
-                        rec["full_ms"] = json!(ms(modes::ipt_restore(mode, &ns, &full)?));
+                        if !step(&mut rec, "full_ms", modes::ipt_restore(mode, &ns, &full))? {
+                            return Ok(());
+                        }
                         // B -> C, as a full sync (every chain rewritten, the old KUBE-SEP removed)
-                        let t = modes::ipt_restore(
-                            mode,
-                            &ns,
-                            &rules::iptables_full(&changed, &[last.sep_chain(&b)]),
-                        )?;
-                        rec["change_full_ms"] = json!(ms(t));
+                        let text = rules::iptables_full(&changed, &[last.sep_chain(&b)]);
+                        if !step(
+                            &mut rec,
+                            "change_full_ms",
+                            modes::ipt_restore(mode, &ns, &text),
+                        )? {
+                            return Ok(());
+                        }
                         // C -> B, as a partial sync (KUBE-SERVICES and the changed chains)
-                        let t = modes::ipt_restore(
-                            mode,
-                            &ns,
-                            &rules::iptables_partial(&svcs, &[last], &[last_changed.sep_chain(&c)]),
-                        )?;
-                        rec["change_partial_ms"] = json!(ms(t));
-                        let t = modes::ipt_restore(
-                            mode,
-                            &ns,
-                            &rules::iptables_full(&[], &rules::iptables_chains(&svcs)),
-                        )?;
-                        rec["delete_ms"] = json!(ms(t));
+                        let text =
+                            rules::iptables_partial(&svcs, &[last], &[last_changed.sep_chain(&c)]);
+                        if !step(
+                            &mut rec,
+                            "change_partial_ms",
+                            modes::ipt_restore(mode, &ns, &text),
+                        )? {
+                            return Ok(());
+                        }
+                        let text = rules::iptables_full(&[], &rules::iptables_chains(&svcs));
+                        if !step(&mut rec, "delete_ms", modes::ipt_restore(mode, &ns, &text))? {
+                            return Ok(());
+                        }
                         let left = ns.sh(&format!(
                             "{} -t nat -S | grep -c KUBE-SEP || true",
                             if mode == Mode::IptablesNft {
@@ -337,42 +366,72 @@ pub fn prog(cfg: &Cfg, res: &mut Results) -> Result<()> {
                                 .trim()
                                 .parse::<u64>()
                                 .ok());
-                    }
-                    Mode::Nftables => {
+                        // For contrast: the same full ruleset with a flushing restore (not what
+                        // kube-proxy does), into an empty namespace.
+                        let ns2 = Netns::new("g")?;
+                        step(
+                            &mut rec,
+                            "full_flush_restore_ms",
+                            modes::ipt_restore_flush(mode, &ns2, &full),
+                        )?;
+                        Ok(())
+                    })(),
+                    Mode::Nftables => (|| -> Result<()> {
                         let ns = Netns::new("g")?;
                         let full = rules::nft_full(&svcs, &[]);
                         rec["ruleset_bytes"] = json!(full.len());
                         rec["ruleset_lines"] = json!(full.lines().count());
-                        rec["full_ms"] = json!(ms(modes::nft_load(&ns, &full)?));
-                        let t = modes::nft_load(
-                            &ns,
-                            &rules::nft_full(&changed, &[last.nft_ep_chain(&b)]),
-                        )?;
-                        rec["change_full_ms"] = json!(ms(t));
+                        if !step(&mut rec, "full_ms", modes::nft_load(&ns, &full))? {
+                            return Ok(());
+                        }
+                        let text = rules::nft_full(&changed, &[last.nft_ep_chain(&b)]);
+                        if !step(&mut rec, "change_full_ms", modes::nft_load(&ns, &text))? {
+                            return Ok(());
+                        }
                         modes::nft_load(&ns, &rules::nft_delete_chains(&[last.nft_ep_chain(&b)]))?;
-                        let t = modes::nft_load(
-                            &ns,
-                            &rules::nft_partial(&[last], &[last_changed.nft_ep_chain(&c)]),
-                        )?;
-                        rec["change_partial_ms"] = json!(ms(t));
+                        let text = rules::nft_partial(&[last], &[last_changed.nft_ep_chain(&c)]);
+                        if !step(&mut rec, "change_partial_ms", modes::nft_load(&ns, &text))? {
+                            return Ok(());
+                        }
                         modes::nft_load(
                             &ns,
                             &rules::nft_delete_chains(&[last_changed.nft_ep_chain(&c)]),
                         )?;
                         let chains = rules::nft_chains(&svcs);
-                        let t1 = modes::nft_load(&ns, &rules::nft_full(&[], &chains))?;
-                        let t2 = modes::nft_load(&ns, &rules::nft_delete_chains(&chains))?;
-                        rec["delete_flush_ms"] = json!(ms(t1));
-                        rec["delete_chains_ms"] = json!(ms(t2));
-                        rec["delete_ms"] = json!(ms(t1 + t2));
-                    }
-                    Mode::Sluice => {
+                        let t0 = Instant::now();
+                        if !step(
+                            &mut rec,
+                            "delete_flush_ms",
+                            modes::nft_load(&ns, &rules::nft_full(&[], &chains)),
+                        )? {
+                            return Ok(());
+                        }
+                        if !step(
+                            &mut rec,
+                            "delete_chains_ms",
+                            modes::nft_load(&ns, &rules::nft_delete_chains(&chains)),
+                        )? {
+                            return Ok(());
+                        }
+                        rec["delete_ms"] = json!(ms(t0.elapsed()));
+                        Ok(())
+                    })(),
+                    Mode::Sluice => (|| -> Result<()> {
                         let node = Node::new(&[])?;
                         let all = rules::k8s_all(&svcs);
                         rec["ruleset_bytes"] = json!(all.len());
-                        rec["full_ms"] = json!(ms(node.sluicectl_objects("apply", &all)?));
-                        let t = node.sluicectl_objects("apply", &rules::k8s_slice(last_changed))?;
-                        rec["change_cli_ms"] = json!(ms(t));
+                        if !step(&mut rec, "full_ms", node.sluicectl_objects("apply", &all))? {
+                            return Ok(());
+                        }
+                        let text = rules::k8s_slice(last_changed);
+                        if !step(
+                            &mut rec,
+                            "change_cli_ms",
+                            node.sluicectl_objects("apply", &text),
+                        )? {
+                            return Ok(());
+                        }
+                        rec["change_full_ms"] = rec["change_cli_ms"].clone();
                         // The API call alone, 5 changes back and forth.
                         let texts: Vec<String> = (0..5)
                             .map(|i| rules::k8s_slice(if i % 2 == 0 { last } else { last_changed }))
@@ -380,12 +439,17 @@ pub fn prog(cfg: &Cfg, res: &mut Results) -> Result<()> {
                         let api = api_apply_times(&node, &texts)?;
                         rec["change_api_samples_ms"] = json!(api);
                         rec["change_api_ms"] = json!(crate::stats::median(&api));
-                        rec["change_full_ms"] = rec["change_cli_ms"].clone();
-                        rec["delete_ms"] = json!(ms(node.sluicectl_objects("delete", &all)?));
-                        rec["rss_kib_after"] = json!(node.daemon_pid().and_then(rss_kib));
-                    }
+                        rec["rss_kib_before_delete"] = json!(node.daemon_pid().and_then(rss_kib));
+                        step(
+                            &mut rec,
+                            "delete_ms",
+                            node.sluicectl_objects("delete", &all),
+                        )?;
+                        Ok(())
+                    })(),
                     Mode::Direct => unreachable!(),
-                }
+                };
+                r?;
                 res.push("prog", rec);
                 res.save()?;
             }

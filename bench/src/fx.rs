@@ -181,9 +181,29 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-/// Runs a command with `input` on stdin; returns (output, wall time of the process).
+static TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The longest a programming command (iptables-restore, nft, sluicectl) may take; 0 = no limit.
+pub fn set_timeout(d: Duration) {
+    TIMEOUT_MS.store(d.as_millis() as u64, Ordering::Relaxed);
+}
+
+/// A programming command killed after the timeout.
+#[derive(Debug)]
+pub struct TimedOut(pub Duration);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "timed out after {:?}", self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+/// Runs a command with `input` on stdin; returns (output, wall time of the process). Killed
+/// (error `TimedOut`) after the timeout of `set_timeout`.
 pub fn run_input(cmd: &mut Command, input: &[u8]) -> Result<(Output, Duration)> {
-    use std::io::Write;
+    use std::io::{Read, Write};
     let t = Instant::now();
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -196,9 +216,36 @@ pub fn run_input(cmd: &mut Command, input: &[u8]) -> Result<(Output, Duration)> 
     let writer = std::thread::spawn(move || {
         let _ = stdin.write_all(&data);
     });
-    let out = child.wait_with_output()?;
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let ro = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let re = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let limit = TIMEOUT_MS.load(Ordering::Relaxed);
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if limit > 0 && t.elapsed() > Duration::from_millis(limit) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(TimedOut(Duration::from_millis(limit)).into());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
     let took = t.elapsed();
     let _ = writer.join();
+    let out = Output {
+        status,
+        stdout: ro.join().unwrap_or_default(),
+        stderr: re.join().unwrap_or_default(),
+    };
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}{}",

@@ -86,6 +86,14 @@ enum Cmd {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// Print the ruleset a mode programs for N services (iptables-restore input, nft script or
+    /// sluice's Kubernetes objects), with endpoints 10.244.0.10 and .11.
+    Rules {
+        #[arg(long)]
+        mode: String,
+        #[arg(long, default_value_t = 1)]
+        n: usize,
+    },
     /// BPF cost per packet (PROG_TEST_RUN) with this many frontends; prints JSON rows.
     Bpf {
         #[arg(long, default_value_t = 1)]
@@ -132,6 +140,10 @@ struct RunArgs {
     /// Pods for the CNI figure.
     #[arg(long)]
     cni_pods: Option<usize>,
+    /// Seconds a programming command (iptables-restore, nft, sluicectl) may take before it is
+    /// killed and reported as timed out.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
     /// The command line to record (scripts/bench.sh passes its own).
     #[arg(long, default_value = "")]
     command: String,
@@ -187,6 +199,7 @@ fn run(a: RunArgs) -> Result<i32> {
         fx::set_prefix(p);
     }
     fx::install_signal_cleanup();
+    fx::set_timeout(std::time::Duration::from_secs_f64(a.timeout));
     let q = a.quick;
     let figures: BTreeSet<Fig> = match &a.only {
         Some(o) => list(o, Fig::parse)?.into_iter().collect(),
@@ -238,6 +251,7 @@ fn run(a: RunArgs) -> Result<i32> {
         restarts: if q { 1 } else { 3 },
         bpf_runs: if q { 500 } else { 5000 },
         bpf_repeat: if q { 10_000 } else { 100_000 },
+        timeout: a.timeout,
         json: a.out.join(format!("{stem}.json")),
     };
     let head = json!({
@@ -247,7 +261,7 @@ fn run(a: RunArgs) -> Result<i32> {
             "services": cfg.services, "modes": modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "figures": figures.iter().map(|f| f.name()).collect::<Vec<_>>(), "quick": q,
             "clients": cfg.clients, "threads": cfg.threads, "cni_pods": cfg.cni_pods,
-            "mem_pods": cfg.mem_pods, "mem_services": cfg.mem_services},
+            "mem_pods": cfg.mem_pods, "mem_services": cfg.mem_services, "timeout_s": a.timeout},
         "ipvs": modes::ipvs_status(),
         "nodeport": "n/a: needs multi-node (issue 8)",
     });
@@ -388,6 +402,26 @@ fn main() {
                 seconds,
             } => {
                 print(load::stream(&netns, target, seconds)?);
+                Ok(0)
+            }
+            Cmd::Rules { mode, n } => {
+                let svcs = rules::services(
+                    n,
+                    &["10.244.0.10".to_string(), "10.244.0.11".to_string()],
+                    topo::SERVER_PORT,
+                );
+                match Mode::parse(&mode)? {
+                    Mode::IptablesNft | Mode::IptablesLegacy => {
+                        print!(
+                            "{}{}",
+                            rules::iptables_base(),
+                            rules::iptables_full(&svcs, &[])
+                        )
+                    }
+                    Mode::Nftables => print!("{}", rules::nft_full(&svcs, &[])),
+                    Mode::Sluice => print!("{}", rules::k8s_all(&svcs)),
+                    Mode::Direct => {}
+                }
                 Ok(0)
             }
             Cmd::Bpf {

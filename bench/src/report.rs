@@ -262,8 +262,9 @@ pub fn markdown(res: &Value) -> String {
         );
         let _ = writeln!(s, "- all N: iptables-restore --noflush of kube-proxy's full sync (after the base jumps) / `nft -f` of its transaction / `sluicectl apply -f` of N Services + N EndpointSlices.");
         let _ = writeln!(s, "- one change (endpoint B replaced by C in the measured service): iptables \"full\" = kube-proxy's full sync rewriting every chain, \"partial\" = its MinimizeIPTablesRestore sync (KUBE-SERVICES + the changed chains); nftables \"full\" = the proxier's transaction (every map and chain rebuilt), \"partial\" = only the changed chains; sluice \"full\" = `sluicectl apply -f` of the one EndpointSlice (exec + connect + call), \"partial\" = the gRPC Apply call alone on an open connection (median of 5).");
-        let _ = writeln!(s, "- delete all N: the sync with no services (iptables: `-X` of every chain; nftables: flush transaction + the later delete-chains transaction, summed) / `sluicectl delete -f`.\n");
-        let _ = writeln!(s, "| N | mode | all N | one change, full | one change, partial / API | delete all N |\n|---|---|---|---|---|---|");
+        let _ = writeln!(s, "- delete all N: the sync with no services (iptables: `-X` of every chain; nftables: flush transaction + the later delete-chains transaction, summed) / `sluicectl delete -f`.");
+        let _ = writeln!(s, "- a command still running after {} s is killed and reported as timed out (the later steps of that round, which need its state, are skipped).\n", res["config"]["timeout_s"]);
+        let _ = writeln!(s, "| N | mode | all N | one change, full | one change, partial / API | delete all N | all N, flushing restore (not kube-proxy's way) |\n|---|---|---|---|---|---|---|");
         let mut g: BTreeMap<(u64, usize, String), Vec<&Value>> = BTreeMap::new();
         for r in prog {
             let mode = r["mode"].as_str().unwrap_or("").to_string();
@@ -271,19 +272,41 @@ pub fn markdown(res: &Value) -> String {
                 .or_default()
                 .push(r);
         }
+        let cell = |recs: &Vec<&Value>, key: &str, d: usize| -> String {
+            let v = fmt_sum(&collect(recs, |r| f(&r[key])), d);
+            let tk = format!("{key}_timed_out_s");
+            let to: Vec<f64> = recs.iter().filter_map(|r| f(&r[&tk])).collect();
+            if to.is_empty() {
+                v
+            } else if to.len() == recs.len() {
+                format!("> {:.0} s (timed out, {}/{})", to[0], to.len(), recs.len())
+            } else {
+                format!(
+                    "{v}; {}/{} timed out > {:.0} s",
+                    to.len(),
+                    recs.len(),
+                    to[0]
+                )
+            }
+        };
         for ((n, _, mode), recs) in &g {
             let partial = if mode == "sluice" {
                 "change_api_ms"
             } else {
                 "change_partial_ms"
             };
+            let flush = if mode.starts_with("iptables") {
+                cell(recs, "full_flush_restore_ms", 1)
+            } else {
+                "–".into()
+            };
             let _ = writeln!(
                 s,
-                "| {n} | {mode} | {} | {} | {} | {} |",
-                fmt_sum(&collect(recs, |r| f(&r["full_ms"])), 1),
-                fmt_sum(&collect(recs, |r| f(&r["change_full_ms"])), 2),
-                fmt_sum(&collect(recs, |r| f(&r[partial])), 2),
-                fmt_sum(&collect(recs, |r| f(&r["delete_ms"])), 1),
+                "| {n} | {mode} | {} | {} | {} | {} | {flush} |",
+                cell(recs, "full_ms", 1),
+                cell(recs, "change_full_ms", 2),
+                cell(recs, partial, 2),
+                cell(recs, "delete_ms", 1),
             );
         }
         s.push('\n');

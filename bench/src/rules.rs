@@ -155,6 +155,16 @@ pub fn iptables_base() -> String {
     s
 }
 
+/// Only the jump rules of `iptables_base` (no chain declarations, which would flush the
+/// chains): loaded with --noflush after a plain (flushing) restore of `iptables_full`.
+pub fn iptables_jumps() -> String {
+    iptables_base()
+        .lines()
+        .filter(|l| !l.starts_with(':'))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 fn ipt_filter() -> &'static str {
     concat!(
         "*filter\n",
