@@ -4,7 +4,8 @@
 #
 #   scripts/bench.sh [--quick] [--rounds R] [--seconds S] [--services 1,1000,10000]
 #                    [--modes direct,iptables-nft,iptables-legacy,nftables,sluice] [--only FIGURES]
-#                    [--clients K] [--threads T] [--cni-pods P] [--timeout SECS] [--out DIR]
+#                    [--clients K] [--threads T] [--cni-pods P] [--timeout SECS]
+#                    [--setup-timeout SECS] [--out DIR]
 #
 # FIGURES: conn,rr,prog,bpf,cni,mem (or 1-6). Writes bench/results/<date>-<host>.{json,md,*.svg}
 # (--quick: bench/results/quick-*; a partial run: <date>-<host>-<figures>.*).
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 [ "$(id -u)" = 0 ] || { echo "scripts/bench.sh: run as root (namespaces, BPF)" >&2; exit 1; }
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
@@ -22,7 +23,7 @@ ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) ARGS+=(--quick); shift ;;
-        --rounds|--seconds|--services|--modes|--only|--clients|--threads|--cni-pods|--out|--timeout)
+        --rounds|--seconds|--services|--modes|--only|--clients|--threads|--cni-pods|--out|--timeout|--setup-timeout)
             [ $# -ge 2 ] || { echo "bench.sh: $1 needs a value" >&2; usage 2; }
             ARGS+=("$1" "$2"); shift 2 ;;
         -h|--help) usage 0 ;;

@@ -74,6 +74,8 @@ pub struct Cfg {
     pub bpf_repeat: u32,
     /// Programming-figure timeout (s).
     pub timeout: f64,
+    /// Timeout (s) of loading the rules before the datapath trials.
+    pub setup_timeout: f64,
     pub json: PathBuf,
 }
 
@@ -202,7 +204,7 @@ fn trial(cfg: &Cfg, t: &SingleNode, targets: &[SocketAddr]) -> Result<Value> {
 /// loaded; the service path.
 pub fn dataplane(cfg: &Cfg, res: &mut Results) -> Result<()> {
     // Loading the rules here is set-up, not the figure: no programming timeout.
-    fx::set_timeout(Duration::from_secs(1800));
+    fx::set_timeout(Duration::from_secs_f64(cfg.setup_timeout));
     let modes = measured_modes(cfg);
     let mut k = 0;
     for round in 0..cfg.rounds {
@@ -225,9 +227,16 @@ pub fn dataplane(cfg: &Cfg, res: &mut Results) -> Result<()> {
                     let svcs = rules::services(n, &be, SERVER_PORT);
                     let node = topo.node();
                     let apply = |y: &str| node.sluicectl_objects("apply", y);
-                    let took =
-                        modes::program(mode, &node.ns, &svcs, Some(&apply), &node.work.path)?;
-                    rec["program_ms"] = json!(ms(took));
+                    let took = modes::program(mode, &node.ns, &svcs, Some(&apply), &node.work.path);
+                    if !step(&mut rec, "program_ms", took)? {
+                        rec["skipped"] = json!(format!(
+                            "programming {n} services took more than {} s",
+                            cfg.setup_timeout
+                        ));
+                        res.push("dataplane", rec);
+                        res.save()?;
+                        continue;
+                    }
                     let vip: SocketAddr =
                         format!("{}:{}", rules::vip(n - 1), rules::SVC_PORT).parse()?;
                     // The non-service path first: after service flows, sluice's conntrack

@@ -144,6 +144,10 @@ struct RunArgs {
     /// killed and reported as timed out.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
+    /// Seconds loading a mode's rules may take before the datapath trials (figures 1-2) of that
+    /// (round, N, mode) are skipped and reported as such.
+    #[arg(long, default_value_t = 300.0)]
+    setup_timeout: f64,
     /// The command line to record (scripts/bench.sh passes its own).
     #[arg(long, default_value = "")]
     command: String,
@@ -252,6 +256,7 @@ fn run(a: RunArgs) -> Result<i32> {
         bpf_runs: if q { 500 } else { 5000 },
         bpf_repeat: if q { 10_000 } else { 100_000 },
         timeout: a.timeout,
+        setup_timeout: a.setup_timeout,
         json: a.out.join(format!("{stem}.json")),
     };
     let head = json!({
@@ -261,7 +266,7 @@ fn run(a: RunArgs) -> Result<i32> {
             "services": cfg.services, "modes": modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "figures": figures.iter().map(|f| f.name()).collect::<Vec<_>>(), "quick": q,
             "clients": cfg.clients, "threads": cfg.threads, "cni_pods": cfg.cni_pods,
-            "mem_pods": cfg.mem_pods, "mem_services": cfg.mem_services, "timeout_s": a.timeout},
+            "mem_pods": cfg.mem_pods, "mem_services": cfg.mem_services, "timeout_s": a.timeout, "setup_timeout_s": a.setup_timeout},
         "ipvs": modes::ipvs_status(),
         "nodeport": "n/a: needs multi-node (issue 8)",
     });

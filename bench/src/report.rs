@@ -194,6 +194,17 @@ pub fn markdown(res: &Value) -> String {
                 fmt_sum(&p99, 0),
             );
         }
+        for r in res["dataplane"].as_array().into_iter().flatten() {
+            if let Some(why) = r["skipped"].as_str() {
+                let _ = writeln!(
+                    s,
+                    "\n- round {} N={} {}: skipped, {why}",
+                    r["round"],
+                    r["n"],
+                    r["mode"].as_str().unwrap_or("")
+                );
+            }
+        }
         let _ = writeln!(
             s,
             "\nNodePort (external client, local and remote backend): {}\n",
