@@ -146,7 +146,7 @@ struct RunArgs {
     timeout: f64,
     /// Seconds loading a mode's rules may take before the datapath trials (figures 1-2) of that
     /// (round, N, mode) are skipped and reported as such.
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = 120.0)]
     setup_timeout: f64,
     /// The command line to record (scripts/bench.sh passes its own).
     #[arg(long, default_value = "")]

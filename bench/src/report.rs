@@ -712,7 +712,14 @@ fn color(name: &str) -> RGBColor {
 
 type Series = Vec<(String, Vec<(f64, f64)>)>;
 
-fn line_chart(path: &Path, title: &str, ylabel: &str, series: &Series, log_y: bool) -> Result<()> {
+fn line_chart(
+    path: &Path,
+    title: &str,
+    ylabel: &str,
+    series: &Series,
+    log_y: bool,
+    legend: SeriesLabelPosition,
+) -> Result<()> {
     let pts: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     if pts.is_empty() {
         return Ok(());
@@ -766,7 +773,7 @@ fn line_chart(path: &Path, title: &str, ylabel: &str, series: &Series, log_y: bo
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                .position(legend.clone())
                 .border_style(BLACK)
                 .background_style(WHITE.mix(0.85))
                 .draw()?;
@@ -907,6 +914,7 @@ pub fn plots(res: &Value, dir: &Path, stem: &str) -> Result<Vec<String>> {
             "connections/s (median)",
             &a,
             false,
+            SeriesLabelPosition::LowerLeft,
         )?;
         files.push(file);
         let mut r: Series = vec![(
@@ -921,6 +929,7 @@ pub fn plots(res: &Value, dir: &Path, stem: &str) -> Result<Vec<String>> {
             "ratio (median)",
             &r,
             false,
+            SeriesLabelPosition::LowerLeft,
         )?;
         files.push(file);
     }
@@ -961,6 +970,7 @@ pub fn plots(res: &Value, dir: &Path, stem: &str) -> Result<Vec<String>> {
             "ms (median)",
             &full,
             true,
+            SeriesLabelPosition::UpperLeft,
         )?;
         files.push(file);
         let file = format!("{stem}-prog-change.svg");
@@ -970,6 +980,7 @@ pub fn plots(res: &Value, dir: &Path, stem: &str) -> Result<Vec<String>> {
             "ms (median)",
             &change,
             true,
+            SeriesLabelPosition::UpperLeft,
         )?;
         files.push(file);
     }
