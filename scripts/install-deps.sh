@@ -15,6 +15,8 @@ PKGS=(
   # namespaces, reference CNI plugins (portmap, bandwidth, ptp, bridge, host-local), tools for tests
   iproute2 containernetworking-plugins netcat-openbsd iperf3 tcpdump bpftool util-linux procps
   iptables conntrack python3 iputils-ping ethtool
+  # bench: kube-proxy nftables mode
+  nftables
   # cnitool is built from Debian's source of libcni
   golang-go golang-github-appc-cni-dev dpkg-dev
 )

@@ -24,4 +24,5 @@ echo "== tests"
 # --no-fail-fast: one red test must not hide the others.
 cargo test --release --locked --workspace --no-fail-fast -- --test-threads="${SLUICE_TEST_THREADS:-4}"
 
+echo "== bench smoke run"; bash scripts/bench.sh --quick   # every figure of the benchmark suite produced (targets not asserted)
 echo "== all tests passed in $(( $(date +%s) - start ))s"
