@@ -75,19 +75,21 @@ impl Dp {
 
     fn frontend(&self, vip: Ipv4Addr, port: u16, svc: u32, count: u32) -> Result<()> {
         let k = types::frontend_key {
-            vip: be32(vip),
+            addr: be32(vip),
             port: port.to_be(),
             proto: 6,
             ..Default::default()
         };
         let v = types::frontend_value {
-            svc_id: svc,
-            backend_count: count,
+            cluster_id: svc,
+            cluster_count: count,
+            local_id: svc,
+            kind: types::frontend_kind::FE_KIND_CLUSTER_IP,
             ..Default::default()
         };
         self.skel
             .maps
-            .sl_fe_v1
+            .sl_fe_v2
             .update(as_bytes(&k), as_bytes(&v), MapFlags::ANY)?;
         self.skel
             .maps
@@ -98,7 +100,7 @@ impl Dp {
 
     fn backend(&self, svc: u32, slot: u32, addr: Ipv4Addr, port: u16) -> Result<()> {
         let k = types::backend_key {
-            svc_id: svc,
+            set_id: svc,
             slot,
             ..Default::default()
         };
@@ -109,18 +111,28 @@ impl Dp {
         };
         self.skel
             .maps
-            .sl_be_v1
+            .sl_be_v2
             .update(as_bytes(&k), as_bytes(&v), MapFlags::ANY)?;
+        let m = types::member_key {
+            set_id: svc,
+            addr: be32(addr),
+            port: port.to_be(),
+            ..Default::default()
+        };
+        self.skel
+            .maps
+            .sl_bm_v1
+            .update(as_bytes(&m), as_bytes(&1u32), MapFlags::ANY)?;
         Ok(())
     }
 
     /// The per-pod counter entry the daemon creates on attach (test_run's skb is on lo, ifindex 1).
     fn pod_entry(&self) -> Result<()> {
         let cpus = libbpf_rs::num_possible_cpus()?;
-        let zero = vec![as_bytes(&types::pod_stats::default()).to_vec(); cpus];
+        let zero = vec![as_bytes(&types::pod_info::default()).to_vec(); cpus];
         self.skel
             .maps
-            .sl_pod_v1
+            .sl_pod_v2
             .update_percpu(as_bytes(&1u32), &zero, MapFlags::ANY)?;
         Ok(())
     }
@@ -129,7 +141,7 @@ impl Dp {
         let Ok(Some(per_cpu)) = self
             .skel
             .maps
-            .sl_rsn_v1
+            .sl_rsn_v2
             .lookup_percpu(as_bytes(&r.0), MapFlags::ANY)
         else {
             return 0;
