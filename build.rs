@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// One skeleton per attach point; each entry file is thin and includes bpf/lib/*.h.
-const BPF_PROGRAMS: &[&str] = &["pod_veth"];
+const BPF_PROGRAMS: &[&str] = &["pod_veth", "uplink"];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));

@@ -36,6 +36,16 @@ const volatile __u64 ct_udp_stream_ns  = SEC_NS(120);   /* UDP, both directions 
 const volatile __u16 xlate_port_min = 20000;
 const volatile __u16 xlate_port_max = 29999;
 
+/* This node's address: the outer source of what it encapsulates (sluiced --node-ip). */
+const volatile __be32 node_addr = 0;
+
+/* How external flows to remote backends are answered (sluiced --lb-mode). */
+const volatile enum lb_mode lb_mode = LB_MODE_DSR;
+
+/* Node-to-node VXLAN: UDP port (host order; IANA's 4789) and sluice's VNI. */
+const volatile __u16 vxlan_port = 4789;
+const volatile __u32 vxlan_vni = 0x5c1ce;
+
 /* A remembered first fragment is ignored after this long (Linux's ipfrag_time). */
 const volatile __u64 frag_timeout_ns = SEC_NS(30);
 

@@ -38,6 +38,12 @@ enum backend_flags {
 	BE_F_LOCAL = 1 << 0, /* the endpoint runs on this node */
 };
 
+/* config.h lb_mode: how an external flow to a remote backend is answered */
+enum lb_mode {
+	LB_MODE_DSR    = 0, /* the backend's node answers the client itself */
+	LB_MODE_TUNNEL = 1, /* replies are tunnelled back to the ingress node, which answers */
+};
+
 /* ct_value.type: what an entry describes */
 enum ct_type {
 	CT_TYPE_FWD    = 1, /* a flow's first leg (client -> frontend, or a pod's port-translated direct
@@ -104,6 +110,13 @@ enum reason {
 	REASON_FLOW_REPLACED     = 16, /* new flow over an ended one's tuple (port reuse) */
 	REASON_UDP_REBALANCED    = 17, /* UDP flow whose backend is no longer usable: new backend */
 	REASON_DIRECT            = 18, /* packet of a tracked direct flow that updated its entry */
+	REASON_NP_LOCAL          = 19, /* external flow to a local backend: DNAT, delivered here */
+	REASON_NP_FORWARD        = 20, /* external flow to a remote backend: encapsulated to its node */
+	REASON_NP_DECAP          = 21, /* an ingress node's encapsulated request: served here */
+	REASON_NP_REPLY          = 22, /* external flow's reply: source restored, out to the client */
+	REASON_NP_REPLY_TUNNEL   = 23, /* external flow's reply encapsulated back to its ingress node */
+	REASON_NP_TUNNEL_REPLY   = 24, /* ingress node: a tunnelled reply sent on to the client */
+	REASON_FRAG_NEEDED       = 25, /* too big once encapsulated: ICMP fragmentation needed sent */
 	REASON_FIRST_DROP        = 32,
 	REASON_DROP_MALFORMED    = 32, /* bad IP version/IHL/total length */
 	REASON_DROP_TRUNCATED    = 33, /* headers end before they should */
@@ -114,8 +127,18 @@ enum reason {
 	REASON_DROP_CT_COLLISION = 38, /* reply tuple taken and no free translated port found: the
 					* client's retry tries again */
 	REASON_DROP_SPOOFED      = 39, /* a pod sent with a source address that is not its own */
+	REASON_DROP_NO_LOCAL     = 40, /* external flow, externalTrafficPolicy Local, no endpoint here
+					* (or an ingress node's request with none) */
+	REASON_DROP_NO_NODE      = 41, /* remote backend whose node address is unknown */
+	REASON_DROP_ENCAP        = 42, /* encapsulation or decapsulation failed */
+	REASON_DROP_TOO_BIG      = 43, /* too big once encapsulated, and no ICMP could be built */
 	REASON_MAX               = 64,
 };
+
+/* VXLAN as sluice builds it between nodes (no kernel tunnel device): outer IPv4 + UDP + VXLAN +
+ * the inner Ethernet header. */
+#define VXLAN_OVERHEAD    50
+#define VXLAN_FLAG_VNI    0x08000000 /* the I flag: the VNI field is valid */
 
 /* sl_ctev_v1 index: conntrack entry events the datapath counts (occupancy and evictions are
  * derived by the daemon from these and the map's size). */

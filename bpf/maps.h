@@ -113,9 +113,9 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
-	__type(value, struct counter);
+	__type(value, struct svc_stats);
 	__uint(max_entries, MAX_FRONTENDS);
-} sl_svc_v1 SEC(".maps");
+} sl_svc_v2 SEC(".maps");
 
 /* Per-CPU scratch space (one entry). */
 struct {

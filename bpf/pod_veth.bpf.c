@@ -11,6 +11,7 @@
 #include "lib/pod.h"
 #include "lib/conntrack.h"
 #include "lib/frag.h"
+#include "lib/frontend.h"
 #include "lib/lb.h"
 #include "lib/direct.h"
 #include "lib/icmp.h"
@@ -19,7 +20,7 @@
 static __always_inline int later_fragment(struct __sk_buff *skb, struct packet *pkt)
 {
 	__be32 vip = pkt->daddr;
-	int reason = frag_later(skb, pkt);
+	int reason = frag_later(skb, pkt, 0);
 
 	if (reason != CONTINUE)
 		return reason;
@@ -32,7 +33,6 @@ SEC("tc")
 int from_pod(struct __sk_buff *skb)
 {
 	struct packet pkt = {};
-	struct frontend_key fk = {};
 	struct frontend_value *fe;
 	struct pod_info *pod;
 	__be32 saddr, daddr;
@@ -49,11 +49,11 @@ int from_pod(struct __sk_buff *skb)
 	if (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
 		return finish(skb, &pkt, REASON_PASS);
 
-	/* The one lookup every other packet pays before direct tracking. */
-	fk.addr = pkt.daddr;
-	fk.port = pkt.dport;
-	fk.proto = pkt.proto;
-	fe = bpf_map_lookup_elem(&sl_fe_v2, &fk);
+	/* The one lookup every other packet pays before direct tracking (a second for a node
+	 * address: the NodePort on every node). */
+	fe = np_frontend(&pkt, 0);
+	if (!fe && np_is_node(pkt.daddr, 0))
+		fe = np_frontend(&pkt, 1);
 	if (fe)
 		return finish(skb, &pkt, lb_forward(skb, &pkt, fe));
 	/* A backend answering a hairpinned client: turn the reply around here. */

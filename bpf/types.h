@@ -120,7 +120,16 @@ struct frag_value {
 	__u32  flags;           /* host: reserved */
 };
 
-/* Packets and bytes; value of the per-CPU counter arrays sl_rsn_v2 and sl_svc_v1. */
+/* sl_svc_v2 value, indexed by a Service port's cluster set id: per-CPU forward traffic. */
+struct svc_stats {
+	__u64 packets;          /* host: forward packets (pod or external clients) */
+	__u64 bytes;            /* host */
+	__u64 local;            /* host: external packets delivered to a backend on this node */
+	__u64 forwarded;        /* host: external packets encapsulated to a backend's node */
+	__u64 decapsulated;     /* host: ingress nodes' encapsulated packets served here */
+};
+
+/* Packets and bytes; value of the per-CPU counter array sl_rsn_v2. */
 struct counter {
 	__u64 packets;          /* host */
 	__u64 bytes;            /* host */
@@ -137,10 +146,12 @@ struct pod_info {
 	__u32  flags;           /* host: reserved */
 };
 
-/* sl_scratch_v1 value: per-CPU room for building a packet (an ICMP error: new IP and ICMP headers
- * and the quote), too big for the 512 bytes of stack the call chain shares. */
+/* sl_scratch_v1 value: per-CPU room for what does not fit the 512 bytes of stack a program's call
+ * chain shares: an ICMP error being built (new IP and ICMP headers and the quote), and the flow a
+ * packet follows while its entries are created. (Programs do not nest on one CPU.) */
 struct scratch {
-	__u8 buf[160];
+	__u8 icmp[160];
+	struct ct_value flow;
 };
 
 /* sl_node_v1 value, keyed by a node address (__be32, net): the cluster's nodes. */

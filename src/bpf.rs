@@ -10,3 +10,14 @@
 pub mod pod_veth {
     include!(concat!(env!("OUT_DIR"), "/pod_veth.skel.rs"));
 }
+
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals,
+    dead_code
+)]
+pub mod uplink {
+    include!(concat!(env!("OUT_DIR"), "/uplink.skel.rs"));
+}

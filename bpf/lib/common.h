@@ -54,7 +54,9 @@ struct packet {
 	__u8   ihl;             /* IP header length in 32-bit words */
 	__u8   frag;            /* FRAG_* */
 	__u8   redirect_back;   /* send out of the interface it came in on (MACs swapped) */
-	__u8   pad;
+	__u8   redirect_ingress; /* with redirect_back: into the interface instead of out of it */
+	__u8   redirect_neigh;  /* out of this interface to the next hop of its (new) destination */
+	__u8   pad[3];
 };
 
 enum frag_kind {
@@ -76,6 +78,42 @@ static __always_inline void counter_add(void *map, __u32 index, __u32 bytes)
 		c->packets++;
 		c->bytes += bytes;
 	}
+}
+
+/* What else a service's forward packet counts as (struct svc_stats). */
+enum svc_path {
+	SVC_POD       = 0, /* a pod client's: packets and bytes only */
+	SVC_LOCAL     = 1, /* external, delivered to a local backend */
+	SVC_FORWARDED = 2, /* external, encapsulated to a backend's node */
+	SVC_DECAP     = 3, /* an ingress node's request served here */
+};
+
+static __always_inline void svc_account(__u32 id, __u32 bytes, enum svc_path path)
+{
+	struct svc_stats *s = bpf_map_lookup_elem(&sl_svc_v2, &id);
+
+	if (!s)
+		return;
+	s->packets++;
+	s->bytes += bytes;
+	if (path == SVC_LOCAL)
+		s->local++;
+	else if (path == SVC_FORWARDED)
+		s->forwarded++;
+	else if (path == SVC_DECAP)
+		s->decapsulated++;
+}
+
+/* The per-CPU scratch flow (see struct scratch), zeroed. */
+static __always_inline struct ct_value *scratch_flow(void)
+{
+	__u32 zero = 0;
+	struct scratch *s = bpf_map_lookup_elem(&sl_scratch_v1, &zero);
+
+	if (!s)
+		return 0;
+	__builtin_memset(&s->flow, 0, sizeof(s->flow));
+	return &s->flow;
 }
 
 static __always_inline void ct_event(__u32 ev, __u32 n)
@@ -111,8 +149,10 @@ static __always_inline int finish(struct __sk_buff *skb, const struct packet *pk
 			counter_add(&sl_rsn_v2, REASON_DROP_REWRITE, pkt->len);
 			return TC_ACT_SHOT;
 		}
-		return bpf_redirect(skb->ifindex, 0);
+		return bpf_redirect(skb->ifindex, pkt->redirect_ingress ? BPF_F_INGRESS : 0);
 	}
+	if (pkt->redirect_neigh)
+		return bpf_redirect_neigh(skb->ifindex, 0, 0, 0);
 	return TC_ACT_OK;
 }
 

@@ -144,11 +144,14 @@ static __always_inline struct ct_flow ct_flow_of(const struct ct_key *k, const s
 	return f;
 }
 
-/* Whether the holder of a tuple (any entry type) may give it up. */
-static __always_inline int ct_entry_gone(const struct ct_key *k, const struct ct_value *v, __u64 now)
+/* Whether the holder of a tuple (any entry type) may give it up. A global function: callers
+ * building new flows are short of stack. */
+SL_GLOBAL int ct_entry_gone(const struct ct_key *k, const struct ct_value *v, __u64 now)
 {
 	struct ct_flow f;
 
+	if (!k || !v)
+		return 0;
 	if (v->type == CT_TYPE_DIRECT)
 		return ct_gone(k->proto, v->seen & 0xff, v->seen >> CT_SEEN_PEER_SHIFT,
 			       v->last_seen_ns, now);
@@ -159,11 +162,13 @@ static __always_inline int ct_entry_gone(const struct ct_key *k, const struct ct
 }
 
 /* Deletes an entry and, for a NATed flow's leg, its other leg. */
-static __always_inline void ct_delete_flow(const struct ct_key *k, const struct ct_value *v)
+SL_GLOBAL int ct_delete_flow(const struct ct_key *k, const struct ct_value *v)
 {
 	struct ct_key ok;
 	__u32 n = 0;
 
+	if (!k || !v)
+		return 0;
 	if (v->type == CT_TYPE_FWD || v->type == CT_TYPE_REV) {
 		ct_inverse(k, v, &ok, 0);
 		if (bpf_map_delete_elem(&sl_ct_v2, &ok) == 0)
@@ -173,6 +178,7 @@ static __always_inline void ct_delete_flow(const struct ct_key *k, const struct 
 		n++;
 	if (n)
 		ct_event(CT_EV_DELETED, n);
+	return n;
 }
 
 static __always_inline int ct_insert(const struct ct_key *k, const struct ct_value *v, __u64 flags)

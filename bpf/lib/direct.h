@@ -61,7 +61,7 @@ SL_GLOBAL int direct_track(struct __sk_buff *skb, struct packet *pkt)
 {
 	struct ct_key fk = {}, rk = {};
 	struct ct_value *e, *x;
-	struct ct_value fwd = {};
+	struct ct_value fwd = {}, rev = {};
 	__u64 now = bpf_ktime_get_ns();
 	int opens, err;
 
@@ -124,12 +124,10 @@ SL_GLOBAL int direct_track(struct __sk_buff *skb, struct packet *pkt)
 	fwd.created_ns = fwd.last_seen_ns = now;
 	fwd.seen = ct_bits_of(pkt);
 	fwd.type = CT_TYPE_FWD;
-	err = xlate_insert_reverse(&fk, &fwd, now);
+	err = xlate_insert_reverse(&fk, &fwd, now, &rk, &rev);
 	if (err)
 		return err;
 	if (ct_insert(&fk, &fwd, BPF_NOEXIST) < 0) {
-		ct_key_of(pkt, &fk);
-		ct_inverse(&fk, &fwd, &rk, 0);
 		if (bpf_map_delete_elem(&sl_ct_v2, &rk) == 0)
 			ct_event(CT_EV_DELETED, 1);
 		return REASON_DROP_CT_CREATE;

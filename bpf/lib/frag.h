@@ -19,26 +19,37 @@ static __always_inline void frag_key_of(const struct packet *pkt, __be32 saddr, 
 	k->pad = 0;
 }
 
-/* After a first fragment was rewritten from (@saddr, @daddr) to its current addresses. */
-static __always_inline void frag_remember(const struct packet *pkt, __be32 saddr, __be32 daddr)
+/* After a first fragment was rewritten from (@saddr, @daddr) to its current addresses, and is
+ * to be encapsulated to node @tun (0: not). */
+SL_GLOBAL int frag_remember_tun(const struct packet *pkt, __be32 saddr, __be32 daddr, __be32 tun)
 {
 	struct frag_key k;
 	struct frag_value v = {};
 
-	if (pkt->frag != FRAG_FIRST || (pkt->saddr == saddr && pkt->daddr == daddr))
-		return;
+	if (!pkt)
+		return 0;
+	if (pkt->frag != FRAG_FIRST || (pkt->saddr == saddr && pkt->daddr == daddr && !tun))
+		return 0;
 	frag_key_of(pkt, saddr, daddr, &k);
 	v.first_ns = bpf_ktime_get_ns();
 	v.nat_saddr = pkt->saddr != saddr ? pkt->saddr : 0;
 	v.nat_daddr = pkt->daddr != daddr ? pkt->daddr : 0;
-	bpf_map_update_elem(&sl_frag_v1, &k, &v, BPF_ANY);
+	v.tun_addr = tun;
+	return bpf_map_update_elem(&sl_frag_v1, &k, &v, BPF_ANY);
+}
+
+static __always_inline void frag_remember(const struct packet *pkt, __be32 saddr, __be32 daddr)
+{
+	if (pkt->frag == FRAG_FIRST)
+		frag_remember_tun(pkt, saddr, daddr, 0);
 }
 
 /**
- * frag_later - a later fragment: rewrite it as its first fragment was.
+ * frag_later - a later fragment: rewrite it as its first fragment was; *@tun: the node to
+ * encapsulate it to, if its first fragment was (0: none; may be NULL where nothing is).
  * Return: REASON_NAT_FRAGMENT, a drop reason, or CONTINUE when no first fragment was remembered.
  */
-SL_GLOBAL int frag_later(struct __sk_buff *skb, struct packet *pkt)
+SL_GLOBAL int frag_later(struct __sk_buff *skb, struct packet *pkt, __be32 *tun)
 {
 	struct frag_key k;
 	struct frag_value *v;
@@ -54,6 +65,8 @@ SL_GLOBAL int frag_later(struct __sk_buff *skb, struct packet *pkt)
 		return CONTINUE;
 	n.saddr = v->nat_saddr;
 	n.daddr = v->nat_daddr;
+	if (tun)
+		*tun = v->tun_addr;
 	err = nat_apply(skb, pkt, n);
 	return err ? err : REASON_NAT_FRAGMENT;
 }

@@ -82,42 +82,70 @@ static __always_inline int ct_key_eq(const struct ct_key *a, const struct ct_key
 	       a->dport == b->dport && a->proto == b->proto;
 }
 
+/* What a new flow is made of: lb_new_flow's arguments (more than a BPF call takes; kept small,
+ * the callers are short of stack). */
+struct new_flow {
+	struct backend_value be; /* lb_pick's choice */
+	__u32 set_id;
+	__be32 tun_addr;         /* external flows: the peer node */
+	__u8 reason;             /* lb_pick's */
+	__u8 reused;             /* the caller's restart reason (FLOW_REPLACED, UDP_REBALANCED), or 0 */
+	__u8 replace;            /* insert the forward leg over a non-forward entry */
+	__u8 flow_flags;         /* recorded on both legs (external flows) */
+};
+
+static __always_inline struct new_flow new_flow_of(struct lb_set set,
+						   const struct backend_value *be, int reason,
+						   __u64 update, int reused)
+{
+	struct new_flow nf = {
+		.be = *be,
+		.set_id = set.id,
+		.reason = reason,
+		.reused = reused,
+		.replace = update == BPF_ANY,
+	};
+	return nf;
+}
+
 /**
- * lb_new_flow - choose a backend and create the forward (@fwd, filled in) and reply legs. When the
+ * lb_new_flow - create the forward (@fwd, filled in) and reply legs of the new flow @nf. When the
  * reply tuple belongs to a live flow, the client port is translated; when it belongs to a flow
  * that is over, that flow's entries give way.
  * Return: REASON_NAT_NEW / _AFFINITY_HIT / _NAT_NEW_XLATE / _FLOW_REPLACED (or @reused when the
  * caller is replacing this tuple's ended flow), REASON_NAT_ESTABLISHED when another CPU created the
  * flow first, or a drop reason.
  */
-static __always_inline int lb_new_flow(const struct frontend_value *fe, struct lb_set set,
-				       const struct packet *pkt, __u64 now, struct ct_value *fwd,
-				       __u64 fwd_update_flags, int reused)
+SL_GLOBAL int lb_new_flow(const struct packet *pkt, const struct frontend_value *fe,
+			  const struct new_flow *nf, struct ct_value *fwd)
 {
 	struct ct_key fk = {}, rk = {}, ok = {};
 	struct ct_value rev = {};
-	struct backend_value be = {};
 	struct ct_value *x, *winner;
-	int hairpin, reason, err;
+	__u64 now, fwd_update_flags;
+	int hairpin, err, reason, reused;
 
-	reason = lb_pick(fe, set, pkt, now, &be);
-	if (reason >= REASON_FIRST_DROP)
-		return reason;
+	if (!pkt || !fe || !nf || !fwd)
+		return REASON_DROP_CT_CREATE;
+	now = bpf_ktime_get_ns();
+	fwd_update_flags = nf->replace ? BPF_ANY : BPF_NOEXIST;
+	reason = nf->reason;
+	reused = nf->reused;
 	if (reused)
 		reason = reused;
-	hairpin = be.addr == pkt->saddr;
+	hairpin = nf->be.addr == pkt->saddr;
 
 	fwd->created_ns = fwd->last_seen_ns = now;
 	fwd->nat_saddr = hairpin ? hairpin_addr : 0;
-	fwd->nat_daddr = be.addr;
+	fwd->nat_daddr = nf->be.addr;
 	fwd->nat_sport = 0;
-	fwd->nat_dport = be.port;
-	fwd->set_id = set.id;
+	fwd->nat_dport = nf->be.port;
+	fwd->set_id = nf->set_id;
 	fwd->gen = fe->gen;
-	fwd->tun_addr = 0;
+	fwd->tun_addr = nf->tun_addr;
 	fwd->seen = ct_bits_of(pkt);
 	fwd->type = CT_TYPE_FWD;
-	fwd->flags = hairpin ? CT_F_HAIRPIN : 0;
+	fwd->flags = (hairpin ? CT_F_HAIRPIN : 0) | nf->flow_flags;
 
 	ct_key_of(pkt, &fk);
 	ct_inverse(&fk, fwd, &rk, &rev);
@@ -143,11 +171,10 @@ static __always_inline int lb_new_flow(const struct frontend_value *fe, struct l
 	}
 	if (err) {
 		/* Taken by a live flow (or by another CPU just now): a port of our own. */
-		err = xlate_insert_reverse(&fk, fwd, now);
+		err = xlate_insert_reverse(&fk, fwd, now, &rk, &rev);
 		if (err)
 			return err;
 		reason = REASON_NAT_NEW_XLATE;
-		ct_inverse(&fk, fwd, &rk, 0);
 	}
 
 	if (ct_insert(&fk, fwd, fwd_update_flags) == 0)
@@ -168,66 +195,95 @@ static __always_inline int lb_new_flow(const struct frontend_value *fe, struct l
 }
 
 /**
+ * lb_hit - a packet on a flow's forward leg @key/@ct, for frontend @fe. A SYN after the flow ended
+ * (the port is reused) and a UDP packet whose backend left its set (the frontend's generation
+ * moved and the backend is no member any more) start a new flow: the old one is deleted and
+ * *@restart says why. Otherwise the flow goes on: touched, its reply leg repaired if missing.
+ * Return: REASON_NAT_ESTABLISHED / REASON_CT_REPAIRED with *@flow filled, or 0 (start over).
+ */
+static __always_inline int lb_hit(const struct ct_key *key, struct ct_value *ct,
+				  const struct frontend_value *fe, const struct packet *pkt, __u64 now,
+				  struct ct_value *flow, int *restart)
+{
+	struct ct_flow f = ct_flow_of(key, ct);
+
+	if (is_tcp_syn(pkt) && ct_ended(f.a, f.b)) {
+		*restart = REASON_FLOW_REPLACED; /* the port is reused: a new flow */
+	} else if (pkt->proto == IPPROTO_UDP && ct->gen != fe->gen) {
+		if ((ct->set_id == fe->cluster_id || ct->set_id == fe->local_id) &&
+		    lb_member(ct->set_id, ct->nat_daddr, ct->nat_dport))
+			ct->gen = fe->gen;
+		else
+			*restart = REASON_UDP_REBALANCED; /* kube-proxy's stale UDP flow cleanup */
+	}
+	if (*restart) {
+		ct_delete_flow(key, ct);
+		return 0;
+	}
+	ct_touch(ct, pkt, 0, now);
+	*flow = *ct;
+	return f.half && ct_repair_reverse(key, ct, now) ? REASON_CT_REPAIRED
+							 : REASON_NAT_ESTABLISHED;
+}
+
+/* The DNAT of a service flow, then what the first fragment of its packet did, remembered. */
+static __always_inline int lb_rewrite(struct __sk_buff *skb, struct packet *pkt,
+				      const struct ct_value *flow)
+{
+	__be32 saddr = pkt->saddr, daddr = pkt->daddr;
+	int err = nat_apply(skb, pkt, nat_of(flow));
+
+	if (err)
+		return err;
+	frag_remember(pkt, saddr, daddr);
+	return 0;
+}
+
+/**
  * lb_forward - a TCP/UDP packet from a local pod to a frontend: DNAT it towards its flow's backend.
  * Return: the reason; sets pkt->redirect_back for hairpin and reject.
  */
 SL_GLOBAL int lb_forward(struct __sk_buff *skb, struct packet *pkt,
-				      const struct frontend_value *fe)
+			 const struct frontend_value *fe)
 {
 	struct ct_key key = {};
-	struct ct_value flow = {};
+	struct ct_value *flow = scratch_flow();
 	struct ct_value *ct;
 	struct lb_set set;
 	__u64 now = bpf_ktime_get_ns();
 	__u64 update = BPF_NOEXIST;
-	__be32 saddr, daddr;
-	int reason = 0, err;
+	int reason = 0, restart = 0, err;
 
-	if (!pkt || !fe)
+	if (!pkt || !fe || !flow)
 		return REASON_DROP_REWRITE;
 	set = lb_set_for_pod(fe);
-	saddr = pkt->saddr;
-	daddr = pkt->daddr;
 
 	ct_key_of(pkt, &key);
 	ct = bpf_map_lookup_elem(&sl_ct_v2, &key);
-	if (ct && ct->type == CT_TYPE_FWD) {
-		struct ct_flow f = ct_flow_of(&key, ct);
-
-		if (is_tcp_syn(pkt) && ct_ended(f.a, f.b)) {
-			reason = REASON_FLOW_REPLACED; /* the port is reused: a new flow */
-		} else if (pkt->proto == IPPROTO_UDP && ct->gen != fe->gen) {
-			if ((ct->set_id == fe->cluster_id || ct->set_id == fe->local_id) &&
-			    lb_member(ct->set_id, ct->nat_daddr, ct->nat_dport))
-				ct->gen = fe->gen;
-			else
-				reason = REASON_UDP_REBALANCED; /* kube-proxy's stale UDP flow cleanup */
-		}
-		if (reason) {
-			ct_delete_flow(&key, ct);
-		} else {
-			ct_touch(ct, pkt, 0, now);
-			flow = *ct;
-			reason = f.half && ct_repair_reverse(&key, ct, now) ? REASON_CT_REPAIRED
-									  : REASON_NAT_ESTABLISHED;
-		}
-	} else if (ct) {
+	if (ct && ct->type == CT_TYPE_FWD)
+		reason = lb_hit(&key, ct, fe, pkt, now, flow, &restart);
+	else if (ct)
 		update = BPF_ANY; /* not a forward leg (cannot be a live flow's): replace it */
-	}
-	if (!flow.type) {
+	if (!reason) {
+		struct backend_value be = {};
+
 		if (set.count == 0)
 			return reject_port_unreachable(skb, pkt);
-		reason = lb_new_flow(fe, set, pkt, now, &flow, update, reason);
+		reason = lb_pick(fe, set, pkt, now, &be);
+		if (reason >= REASON_FIRST_DROP)
+			return reason;
+		struct new_flow nf = new_flow_of(set, &be, reason, update, restart);
+
+		reason = lb_new_flow(pkt, fe, &nf, flow);
 		if (reason >= REASON_FIRST_DROP)
 			return reason;
 	}
 
-	counter_add(&sl_svc_v1, fe->cluster_id, pkt->len);
-	err = nat_apply(skb, pkt, nat_of(&flow));
+	svc_account(fe->cluster_id, pkt->len, SVC_POD);
+	err = lb_rewrite(skb, pkt, flow);
 	if (err)
 		return err;
-	frag_remember(pkt, saddr, daddr);
-	if (flow.flags & CT_F_HAIRPIN) {
+	if (flow->flags & CT_F_HAIRPIN) {
 		pkt->redirect_back = 1;
 		if (reason == REASON_NAT_NEW)
 			reason = REASON_HAIRPIN;

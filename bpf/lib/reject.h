@@ -7,9 +7,10 @@
 
 #include "common.h"
 
-/* linux/icmp.h drags in libc's socket headers; the three values we need, from RFC 792. */
+/* linux/icmp.h drags in libc's socket headers; the values we need, from RFC 792. */
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
+#define ICMP_FRAG_NEEDED  4
 #define IP_HDR_MAX_LEN    60 /* IHL 15 */
 /*
  * Quoted after the original IP header: RFC 792's 8 bytes for UDP, the whole fixed TCP header for
@@ -26,7 +27,8 @@ struct icmp_unreach_hdr {
 	__u8   type;
 	__u8   code;
 	__sum16 checksum;
-	__be32 unused;
+	__be16 unused;
+	__be16 mtu;             /* fragmentation needed: the next hop's MTU (RFC 1191) */
 };
 
 struct icmp_reject {
@@ -70,13 +72,15 @@ static __always_inline __u16 csum_fixed_point(__u32 sum_without_field)
 }
 
 /**
- * reject_port_unreachable - rewrite @skb in place into ICMP dest-unreachable/port for its sender.
- * The quote is the original IP header with its options and the start of the payload, so the
- * client finds its socket from the quoted ports whatever the header length.
- * Return: REASON_NO_BACKEND with pkt->redirect_back set, or REASON_DROP_NO_BACKEND when the packet
- * cannot be turned around (helper failure): the client then times out instead.
+ * icmp_unreachable_reply - rewrite @skb in place into an ICMP destination unreachable (@code:
+ * port unreachable, or fragmentation needed with @mtu) for its sender, from the address it was
+ * sent to. The quote is the original IP header with its options and the start of the payload, so
+ * the sender finds its socket from the quoted ports whatever the header length.
+ * Return: 0 with pkt->redirect_back set, or -1 when the packet cannot be turned around (helper
+ * failure).
  */
-SL_GLOBAL int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
+SL_GLOBAL int icmp_unreachable_reply(struct __sk_buff *skb, struct packet *pkt, __u32 code,
+				     __u32 mtu)
 {
 	__u32 zero = 0, ip_hlen, l4_len, csum_at, quote_len, len;
 	struct reject_room { struct icmp_reject r; __u8 l4[QUOTE_TCP]; } *room;
@@ -86,10 +90,10 @@ SL_GLOBAL int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
 	__s64 sum;
 	int tcp;
 
-	_Static_assert(sizeof(struct reject_room) <= sizeof(struct scratch), "scratch too small");
-	room = bpf_map_lookup_elem(&sl_scratch_v1, &zero);
+	_Static_assert(sizeof(struct reject_room) <= sizeof(((struct scratch *)0)->icmp), "scratch too small");
+	room = bpf_map_lookup_elem(&sl_scratch_v1, &zero); /* its icmp part */
 	if (!pkt || !room)
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 	__builtin_memset(room, 0, sizeof(*room));
 	rp = &room->r;
 	l4 = room->l4;
@@ -103,27 +107,27 @@ SL_GLOBAL int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
 	len = sizeof(rp->ip) + sizeof(rp->icmp) + quote_len;
 
 	if (bpf_skb_load_bytes(skb, IP_OFF, rp->quote, quote_len) < 0)
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 	if (tcp ? bpf_skb_load_bytes(skb, pkt->l4_off, l4, QUOTE_TCP)
 		: bpf_skb_load_bytes(skb, pkt->l4_off, l4, QUOTE_UDP))
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 	/* The quoted L4 checksum field: see csum_fixed_point. */
 	l4[csum_at] = l4[csum_at + 1] = 0;
 	sum = tcp ? bpf_csum_diff(0, 0, (__be32 *)l4, QUOTE_TCP, 0)
 		  : bpf_csum_diff(0, 0, (__be32 *)l4, QUOTE_UDP, 0);
 	if (sum < 0)
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 	/* bpf_csum_diff sums in memory order, so F comes out in memory (network) order too. */
 	field = csum_fixed_point((__u32)sum);
 	if (ip_hlen + csum_at + 2 > sizeof(rp->quote))
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 	__builtin_memcpy(&rp->quote[ip_hlen + csum_at], &field, 2);
 
 	/* Keep Ethernet + the quote, then open room for the new IP and ICMP headers before it. */
 	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0) < 0)
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 	if (bpf_skb_adjust_room(skb, sizeof(rp->ip) + sizeof(rp->icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 
 	rp->ip.version = 4;
 	rp->ip.ihl = 5;
@@ -134,20 +138,29 @@ SL_GLOBAL int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
 	rp->ip.daddr = pkt->saddr;
 	sum = bpf_csum_diff(0, 0, (__be32 *)&rp->ip, sizeof(rp->ip), 0);
 	if (sum < 0)
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 	rp->ip.check = csum_fold32((__u32)sum);
 
 	rp->icmp.type = ICMP_DEST_UNREACH;
-	rp->icmp.code = ICMP_PORT_UNREACH;
+	rp->icmp.code = code;
+	rp->icmp.mtu = bpf_htons(mtu);
 	sum = bpf_csum_diff(0, 0, (__be32 *)&rp->icmp, sizeof(rp->icmp) + quote_len, 0);
 	if (sum < 0)
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 	rp->icmp.checksum = csum_fold32((__u32)sum);
 
 	if (bpf_skb_store_bytes(skb, IP_OFF, rp, len, 0) < 0)
-		return REASON_DROP_NO_BACKEND;
+		return -1;
 	pkt->redirect_back = 1;
-	return REASON_NO_BACKEND;
+	return 0;
+}
+
+/* A service without endpoints: ICMP port unreachable. Return: REASON_NO_BACKEND, or
+ * REASON_DROP_NO_BACKEND when it could not be built (the client then times out instead). */
+static __always_inline int reject_port_unreachable(struct __sk_buff *skb, struct packet *pkt)
+{
+	return icmp_unreachable_reply(skb, pkt, ICMP_PORT_UNREACH, 0) ? REASON_DROP_NO_BACKEND
+								       : REASON_NO_BACKEND;
 }
 
 #endif

@@ -22,22 +22,20 @@ static __always_inline __be16 xlate_port_pick(void)
 
 /**
  * xlate_insert_reverse - give the flow whose forward leg is @fk/@fwd a translated client port:
- * sets fwd->nat_sport and CT_F_XLATE and inserts the matching reply leg (its tuple free).
+ * sets fwd->nat_sport and CT_F_XLATE and inserts the matching reply leg (its tuple free), built
+ * in the caller's @rk/@rev (left holding it).
  * Return: 0, or REASON_DROP_CT_COLLISION when no free port was found.
  */
 static __always_inline int xlate_insert_reverse(const struct ct_key *fk, struct ct_value *fwd,
-						__u64 now)
+						__u64 now, struct ct_key *rk, struct ct_value *rev)
 {
-	struct ct_key rk;
-	struct ct_value rev = {};
-
 	fwd->flags |= CT_F_XLATE;
 	for (int i = 0; i < XLATE_TRIES; i++) {
 		fwd->nat_sport = xlate_port_pick();
-		ct_inverse(fk, fwd, &rk, &rev);
-		rev.created_ns = rev.last_seen_ns = now;
-		rev.seen = 0;
-		if (ct_insert(&rk, &rev, BPF_NOEXIST) == 0)
+		ct_inverse(fk, fwd, rk, rev);
+		rev->created_ns = rev->last_seen_ns = now;
+		rev->seen = 0;
+		if (ct_insert(rk, rev, BPF_NOEXIST) == 0)
 			return 0;
 	}
 	return REASON_DROP_CT_COLLISION;

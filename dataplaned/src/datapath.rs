@@ -19,6 +19,7 @@ use libbpf_rs::{
 };
 use sluice_core::bpf::pod_veth::types;
 use sluice_core::bpf::pod_veth::PodVethSkelBuilder;
+use sluice_core::bpf::uplink::UplinkSkelBuilder;
 
 use crate::pod::{as_bytes, from_bytes};
 use crate::services::conntrack::Timeouts;
@@ -109,6 +110,9 @@ pub struct DatapathConfig {
     pub ct_timeouts: Timeouts,
     /// Translated source ports come from this range (inclusive).
     pub xlate_ports: (u16, u16),
+    /// This node's address: the outer source of its encapsulation.
+    pub node_addr: Ipv4Addr,
+    pub lb_mode: LbMode,
 }
 
 /// Handles on every shared map (names carry the layout version; see bpf/maps.h).
@@ -134,7 +138,18 @@ pub struct Datapath {
     mode: AttachMode,
     from_pod: OwnedFd,
     to_pod: OwnedFd,
+    from_net: OwnedFd,
+    to_net: OwnedFd,
     pub maps: Maps,
+}
+
+/// How an external flow to a remote backend is answered (sluiced --lb-mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbMode {
+    /// Direct Server Return: the backend's node answers the client itself.
+    Dsr,
+    /// Replies are tunnelled back to the ingress node, which answers.
+    Tunnel,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -215,30 +230,28 @@ fn libbpf_log(level: libbpf_rs::PrintLevel, msg: String) {
     }
 }
 
-impl Datapath {
-    /// Loads the programs, reusing pinned maps, and pins maps and programs under `cfg.bpffs`.
-    pub fn load(cfg: &DatapathConfig) -> Result<Datapath> {
-        libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, libbpf_log)));
-        ensure_bpffs(&cfg.bpffs)?;
-        let maps_dir = cfg.bpffs.join("maps");
-        let mut storage = MaybeUninit::uninit();
-        let mut open = PodVethSkelBuilder::default()
-            .open(&mut storage)
-            .context("opening the BPF object")?;
-
-        let s = cfg.sizes;
-        macro_rules! prepare {
-            ($($map:ident => $max:expr),* $(,)?) => {$({
-                let m = &mut open.maps.$map;
-                if let Some(max) = $max {
-                    m.set_max_entries(max)?;
-                }
-                let pin = maps_dir.join(stringify!($map));
-                drop_incompatible_pin(&pin, m.map_type(), m.key_size(), m.value_size(), m.max_entries());
-                m.set_pin_path(&pin)?;
-            })*};
+/// Sizes and pins maps of an opened skeleton (an existing compatible pin is reused by libbpf).
+macro_rules! prepare_maps {
+    ($open:expr, $maps_dir:expr, $($map:ident => $max:expr),* $(,)?) => {$({
+        let m = &mut $open.maps.$map;
+        if let Some(max) = $max {
+            m.set_max_entries(max)?;
         }
-        prepare!(
+        let pin = $maps_dir.join(stringify!($map));
+        drop_incompatible_pin(&pin, m.map_type(), m.key_size(), m.value_size(), m.max_entries());
+        m.set_pin_path(&pin)?;
+    })*};
+}
+
+/// Sizes, pins and configures the maps and .rodata of a freshly opened skeleton (pod_veth and
+/// uplink declare the same maps and configuration: the second reuses the first's pins).
+macro_rules! prepare_object {
+    ($open:expr, $maps_dir:expr, $cfg:expr) => {{
+        let open = &mut $open;
+        let maps_dir: &Path = $maps_dir;
+        let cfg: &DatapathConfig = $cfg;
+        let s = cfg.sizes;
+        prepare_maps!(open, maps_dir,
             sl_fe_v2 => Some(s.frontends),
             sl_vip_v1 => Some(s.frontends),
             sl_be_v2 => Some(s.backends),
@@ -250,9 +263,8 @@ impl Datapath {
             sl_node_v1 => Some(s.nodes),
             sl_rsn_v2 => None::<u32>,
             sl_ctev_v1 => None::<u32>,
-            sl_svc_v1 => Some(s.set_ids()),
+            sl_svc_v2 => Some(s.set_ids()),
         );
-
         let rodata = open
             .maps
             .rodata_data
@@ -271,6 +283,36 @@ impl Datapath {
         rodata.ct_udp_stream_ns = ns(t.udp_stream);
         rodata.xlate_port_min = cfg.xlate_ports.0;
         rodata.xlate_port_max = cfg.xlate_ports.1;
+        rodata.node_addr = u32::from(cfg.node_addr).to_be();
+        // The two skeletons have distinct (identical) generated types: set the value itself.
+        rodata.lb_mode.0 = match cfg.lb_mode {
+            LbMode::Dsr => types::lb_mode::LB_MODE_DSR.0,
+            LbMode::Tunnel => types::lb_mode::LB_MODE_TUNNEL.0,
+        };
+    }};
+}
+
+/// Pins a loaded program at `<bpffs>/progs/<name>` (replacing an older one) and keeps its fd.
+fn pin_prog(bpffs: &Path, prog: &mut libbpf_rs::ProgramMut<'_>, name: &str) -> Result<OwnedFd> {
+    let pin = bpffs.join("progs").join(name);
+    let _ = std::fs::remove_file(&pin);
+    prog.pin(&pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(prog.as_fd().try_clone_to_owned()?)
+}
+
+impl Datapath {
+    /// Loads the programs, reusing pinned maps, and pins maps and programs under `cfg.bpffs`.
+    pub fn load(cfg: &DatapathConfig) -> Result<Datapath> {
+        libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, libbpf_log)));
+        ensure_bpffs(&cfg.bpffs)?;
+        let maps_dir = cfg.bpffs.join("maps");
+
+        let mut storage = MaybeUninit::uninit();
+        let mut open = PodVethSkelBuilder::default()
+            .open(&mut storage)
+            .context("opening the pod BPF object")?;
+        prepare_object!(open, &maps_dir, cfg);
         if cfg.mode == AttachMode::Tcx {
             open.progs
                 .from_pod
@@ -281,21 +323,31 @@ impl Datapath {
         }
         let mut skel = open
             .load()
-            .context("loading the BPF programs (verifier log above)")?;
-
+            .context("loading the pod programs (verifier log above)")?;
         // Pin the new programs in place of the old ones (live attachments are updated separately).
-        let progs_dir = cfg.bpffs.join("progs");
-        for (prog, name) in [
-            (&mut skel.progs.from_pod, "from_pod"),
-            (&mut skel.progs.to_pod, "to_pod"),
-        ] {
-            let pin = progs_dir.join(name);
-            let _ = std::fs::remove_file(&pin);
-            prog.pin(&pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
+        let from_pod = pin_prog(&cfg.bpffs, &mut skel.progs.from_pod, "from_pod")?;
+        let to_pod = pin_prog(&cfg.bpffs, &mut skel.progs.to_pod, "to_pod")?;
+
+        // The uplink object: the same maps (reused through their pins), its own programs.
+        let mut storage = MaybeUninit::uninit();
+        let mut open = UplinkSkelBuilder::default()
+            .open(&mut storage)
+            .context("opening the uplink BPF object")?;
+        prepare_object!(open, &maps_dir, cfg);
+        if cfg.mode == AttachMode::Tcx {
+            open.progs
+                .from_net
+                .set_attach_type(ProgramAttachType::TcxIngress);
+            open.progs
+                .to_net
+                .set_attach_type(ProgramAttachType::TcxEgress);
         }
-        let from_pod = skel.progs.from_pod.as_fd().try_clone_to_owned()?;
-        let to_pod = skel.progs.to_pod.as_fd().try_clone_to_owned()?;
+        let mut uplink = open
+            .load()
+            .context("loading the uplink programs (verifier log above)")?;
+        let from_net = pin_prog(&cfg.bpffs, &mut uplink.progs.from_net, "from_net")?;
+        let to_net = pin_prog(&cfg.bpffs, &mut uplink.progs.to_net, "to_net")?;
+
         let open_pin = |name: &str| {
             let pin = maps_dir.join(name);
             MapHandle::from_pinned_path(&pin).with_context(|| format!("opening {}", pin.display()))
@@ -312,8 +364,8 @@ impl Datapath {
             nodes: open_pin("sl_node_v1")?,
             reasons: open_pin("sl_rsn_v2")?,
             ct_events: open_pin("sl_ctev_v1")?,
-            services: open_pin("sl_svc_v1")?,
-            conntrack_size: s.conntrack,
+            services: open_pin("sl_svc_v2")?,
+            conntrack_size: cfg.sizes.conntrack,
         };
         // Maps of an older layout: their programs are replaced when the pods are re-adopted.
         drop_old_layouts(&maps_dir);
@@ -322,6 +374,8 @@ impl Datapath {
             mode: cfg.mode,
             from_pod,
             to_pod,
+            from_net,
+            to_net,
             maps,
         })
     }
@@ -349,42 +403,72 @@ impl Datapath {
         previous: Option<AttachMode>,
         pod_addr: Ipv4Addr,
     ) -> Result<()> {
+        self.attach_pair(
+            host_ifname,
+            ifindex,
+            previous,
+            [&self.from_pod, &self.to_pod],
+            POD_FILTER_HANDLE,
+        )?;
+        self.set_pod_entry(ifindex, pod_addr)
+            .context("creating the pod's counters")
+    }
+
+    /// Attaches (or re-adopts) the uplink programs on a --nodeport-iface, like `attach`. (A
+    /// daemon switched from tc to tcx mode leaves its old uplink filters: `--cleanup` first.)
+    pub fn attach_uplink(&self, ifname: &str, ifindex: u32) -> Result<()> {
+        self.attach_pair(
+            ifname,
+            ifindex,
+            None,
+            [&self.from_net, &self.to_net],
+            UPLINK_FILTER_HANDLE,
+        )
+    }
+
+    /// Ingress and egress programs on an interface, as pinned tcx links or clsact filters.
+    fn attach_pair(
+        &self,
+        ifname: &str,
+        ifindex: u32,
+        previous: Option<AttachMode>,
+        progs: [&OwnedFd; 2],
+        filter_handle: u32,
+    ) -> Result<()> {
+        let dirs = [
+            (progs[0], "ingress", TC_INGRESS),
+            (progs[1], "egress", TC_EGRESS),
+        ];
         match self.mode {
             AttachMode::Tcx => {
                 // Each tcx attach waits out an RCU grace period (the kernel swaps the device's
                 // program array under the RTNL lock, so two directions cannot overlap): this is
                 // most of a pod ADD's latency in tcx mode (see README, "CNI latency").
-                for (prog, dir) in [(&self.from_pod, "ingress"), (&self.to_pod, "egress")] {
-                    self.attach_tcx(prog.as_fd(), host_ifname, ifindex, dir)?;
+                for (prog, dir, _) in dirs {
+                    self.attach_tcx(prog.as_fd(), ifname, ifindex, dir)?;
                 }
                 if previous == Some(AttachMode::Tc) {
-                    self.detach_tc(ifindex);
+                    detach_tc(ifindex, progs, filter_handle);
                 }
             }
             AttachMode::Tc => {
-                for (prog, dir) in [(&self.from_pod, "ingress"), (&self.to_pod, "egress")] {
-                    let point = if dir == "ingress" {
-                        TC_INGRESS
-                    } else {
-                        TC_EGRESS
-                    };
+                for (prog, dir, point) in dirs {
                     let mut hook = TcHookBuilder::new(prog.as_fd())
                         .ifindex(ifindex as i32)
                         .replace(true)
-                        .handle(1)
+                        .handle(filter_handle)
                         .priority(1)
                         .hook(point);
                     if let Err(e) = hook.create() {
                         tracing::debug!(error = %e, "clsact qdisc exists");
                     }
                     hook.attach()
-                        .with_context(|| format!("attaching {dir} filter on {host_ifname}"))?;
-                    let _ = std::fs::remove_file(self.link_pin(host_ifname, dir));
+                        .with_context(|| format!("attaching {dir} filter on {ifname}"))?;
+                    let _ = std::fs::remove_file(self.link_pin(ifname, dir));
                 }
             }
         }
-        self.set_pod_entry(ifindex, pod_addr)
-            .context("creating the pod's counters")
+        Ok(())
     }
 
     /// Creates the pod's entry, or sets its address in every CPU's copy keeping the counters.
@@ -462,22 +546,6 @@ impl Datapath {
         Ok(())
     }
 
-    fn detach_tc(&self, ifindex: u32) {
-        for point in [TC_INGRESS, TC_EGRESS] {
-            let prog = if point == TC_INGRESS {
-                &self.from_pod
-            } else {
-                &self.to_pod
-            };
-            let mut hook = TcHookBuilder::new(prog.as_fd())
-                .ifindex(ifindex as i32)
-                .handle(1)
-                .priority(1)
-                .hook(point);
-            let _ = hook.detach();
-        }
-    }
-
     /// Detaches from a veth (if it still exists) and forgets its counters. Idempotent.
     pub fn detach(&self, host_ifname: &str, ifindex: u32, mode: Option<AttachMode>) {
         for dir in ["ingress", "egress"] {
@@ -488,7 +556,7 @@ impl Datapath {
             if mode == Some(AttachMode::Tc)
                 && nix::net::if_::if_nametoindex(host_ifname).ok() == Some(ifindex)
             {
-                self.detach_tc(ifindex);
+                detach_tc(ifindex, [&self.from_pod, &self.to_pod], POD_FILTER_HANDLE);
             }
             let _ = self.maps.pods.delete(as_bytes(&ifindex));
         }
@@ -545,34 +613,52 @@ impl Datapath {
         sum
     }
 
+    /// Sums a service's per-CPU `struct svc_stats`.
+    pub fn service_stats(map: &MapHandle, id: u32) -> types::svc_stats {
+        let mut sum = types::svc_stats::default();
+        if let Ok(Some(per_cpu)) = map.lookup_percpu(as_bytes(&id), MapFlags::ANY) {
+            for v in per_cpu {
+                let c: types::svc_stats = from_bytes(&v);
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+                sum.local += c.local;
+                sum.forwarded += c.forwarded;
+                sum.decapsulated += c.decapsulated;
+            }
+        }
+        sum
+    }
+
     /// (name, kernel id, pin path) of the loaded programs.
     pub fn programs(&self) -> Vec<(String, u32, PathBuf)> {
-        [("from_pod", &self.from_pod), ("to_pod", &self.to_pod)]
-            .into_iter()
-            .map(|(n, fd)| {
-                (
-                    n.to_string(),
-                    libbpf_rs::Program::id_from_fd(fd.as_fd()).unwrap_or(0),
-                    self.bpffs.join("progs").join(n),
-                )
-            })
-            .collect()
+        [
+            ("from_pod", &self.from_pod),
+            ("to_pod", &self.to_pod),
+            ("from_net", &self.from_net),
+            ("to_net", &self.to_net),
+        ]
+        .into_iter()
+        .map(|(n, fd)| {
+            (
+                n.to_string(),
+                libbpf_rs::Program::id_from_fd(fd.as_fd()).unwrap_or(0),
+                self.bpffs.join("progs").join(n),
+            )
+        })
+        .collect()
     }
 
     /// Removes every attachment (tcx pins, clsact filters on `ifindexes`), program and map pin.
-    pub fn cleanup(bpffs: &Path, ifindexes: &[u32]) -> Result<()> {
-        for ifindex in ifindexes {
-            for point in [TC_INGRESS, TC_EGRESS] {
-                // Any program fd works to name the filter by handle and priority.
-                if let Ok(fd) =
-                    libbpf_rs::Program::fd_from_pinned_path(bpffs.join("progs/from_pod"))
-                {
-                    let mut hook = TcHookBuilder::new(fd.as_fd())
-                        .ifindex(*ifindex as i32)
-                        .handle(1)
-                        .priority(1)
-                        .hook(point);
-                    let _ = hook.detach();
+    pub fn cleanup(bpffs: &Path, ifindexes: &[u32], uplinks: &[u32]) -> Result<()> {
+        // Any program fd names a filter by handle and priority.
+        let any = libbpf_rs::Program::fd_from_pinned_path(bpffs.join("progs/from_pod"));
+        if let Ok(fd) = &any {
+            for (list, handle) in [
+                (ifindexes, POD_FILTER_HANDLE),
+                (uplinks, UPLINK_FILTER_HANDLE),
+            ] {
+                for ifindex in list {
+                    detach_tc(*ifindex, [fd, fd], handle);
                 }
             }
         }
@@ -581,6 +667,22 @@ impl Datapath {
                 .with_context(|| format!("removing {}", bpffs.display()))?;
         }
         Ok(())
+    }
+}
+
+/// clsact filter handles (priority 1): pod veths are sluice's own; on an uplink another tool's
+/// filters may sit beside sluice's.
+const POD_FILTER_HANDLE: u32 = 1;
+const UPLINK_FILTER_HANDLE: u32 = 0x5c1ce;
+
+fn detach_tc(ifindex: u32, progs: [&OwnedFd; 2], handle: u32) {
+    for (prog, point) in [(progs[0], TC_INGRESS), (progs[1], TC_EGRESS)] {
+        let mut hook = TcHookBuilder::new(prog.as_fd())
+            .ifindex(ifindex as i32)
+            .handle(handle)
+            .priority(1)
+            .hook(point);
+        let _ = hook.detach();
     }
 }
 
@@ -607,6 +709,13 @@ pub fn reason_name(r: u32) -> Option<&'static str> {
         R::REASON_FLOW_REPLACED => "flow_replaced",
         R::REASON_UDP_REBALANCED => "udp_rebalanced",
         R::REASON_DIRECT => "direct",
+        R::REASON_NP_LOCAL => "external_local",
+        R::REASON_NP_FORWARD => "external_forwarded",
+        R::REASON_NP_DECAP => "external_decapsulated",
+        R::REASON_NP_REPLY => "external_reply",
+        R::REASON_NP_REPLY_TUNNEL => "external_reply_tunnelled",
+        R::REASON_NP_TUNNEL_REPLY => "tunnelled_reply_forwarded",
+        R::REASON_FRAG_NEEDED => "frag_needed_sent",
         R::REASON_DROP_MALFORMED => "drop_malformed",
         R::REASON_DROP_TRUNCATED => "drop_truncated",
         R::REASON_DROP_FRAG_ORPHAN => "drop_fragment_orphan",
@@ -615,6 +724,10 @@ pub fn reason_name(r: u32) -> Option<&'static str> {
         R::REASON_DROP_NO_BACKEND => "drop_no_backend",
         R::REASON_DROP_CT_COLLISION => "drop_ct_collision",
         R::REASON_DROP_SPOOFED => "drop_spoofed",
+        R::REASON_DROP_NO_LOCAL => "drop_no_local_endpoint",
+        R::REASON_DROP_NO_NODE => "drop_backend_node_unknown",
+        R::REASON_DROP_ENCAP => "drop_encapsulation",
+        R::REASON_DROP_TOO_BIG => "drop_too_big",
         _ => return None,
     })
 }
@@ -625,7 +738,14 @@ pub const REASON_MAX: u32 = types::reason::REASON_MAX.0;
 /// Pinned maps of layouts this daemon no longer uses (replaced by a newer version of the same
 /// map). Their content is not migrated: frontends and backends are rewritten from the objects
 /// before the programs are swapped; conntrack of a v1 datapath is lost (flows reconnect).
-const OLD_LAYOUTS: &[&str] = &["sl_fe_v1", "sl_be_v1", "sl_ct_v1", "sl_pod_v1", "sl_rsn_v1"];
+const OLD_LAYOUTS: &[&str] = &[
+    "sl_fe_v1",
+    "sl_be_v1",
+    "sl_ct_v1",
+    "sl_pod_v1",
+    "sl_rsn_v1",
+    "sl_svc_v1",
+];
 
 fn drop_old_layouts(maps_dir: &Path) {
     for name in OLD_LAYOUTS {

@@ -8,6 +8,7 @@
 
 pub mod datapath;
 pub mod ipam;
+pub mod nodes;
 pub mod pod;
 pub mod server;
 pub mod services;
@@ -24,7 +25,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt;
 
-pub use datapath::{AttachMode, MapSizes};
+pub use datapath::{AttachMode, LbMode, MapSizes};
 
 /// Everything the daemon is told at start.
 #[derive(Debug, Clone)]
@@ -48,6 +49,11 @@ pub struct Config {
     pub ct_timeouts: services::conntrack::Timeouts,
     /// Source ports given to a flow whose reply tuple is taken (inclusive range).
     pub xlate_ports: (u16, u16),
+    /// Interfaces external frontends are served on (empty: the default route's interface).
+    pub nodeport_ifaces: Vec<String>,
+    /// This node's address (default: the first IPv4 address of the first nodeport interface).
+    pub node_ip: Option<Ipv4Addr>,
+    pub lb_mode: LbMode,
     /// How often expired conntrack entries are removed.
     pub ct_gc_interval: Duration,
 }
@@ -70,8 +76,9 @@ pub async fn run(
 
     let state = Arc::new(state::State::open(&config).context("starting the dataplane")?);
     state.reconcile_at_start().await;
-    tracing::info!(node = %config.node_name, pod_cidr = %config.pod_cidr, mode = state.attach_mode().name(),
-        socket = %config.socket.display(), "sluiced ready");
+    state.sync_nodes().await;
+    tracing::info!(node = %config.node_name, pod_cidr = %state.pod_cidr(), node_ip = %state.uplinks.node_ip,
+        mode = state.attach_mode().name(), socket = %config.socket.display(), "sluiced ready");
 
     let mut background = Vec::new();
     background.push({
@@ -120,6 +127,7 @@ pub async fn run(
                     }
                 })
                 .await;
+                state.sync_nodes().await;
             }
         }));
     }

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::datapath::{AttachMode, Datapath, DatapathConfig};
 use crate::ipam::{Allocation, Cidr, Ipam};
+use crate::nodes::{self, NodeMap, Peer, Uplinks};
 use crate::services::conntrack::Timeouts;
 use crate::services::Services;
 use crate::Config;
@@ -18,6 +19,10 @@ const PENDING_GRACE: Duration = Duration::from_secs(60);
 
 pub struct State {
     pub node_name: String,
+    /// The interfaces external frontends are served on, this node's addresses.
+    pub uplinks: Uplinks,
+    /// The node-address map and routes to other nodes' pod CIDRs (async: netlink).
+    nodes: tokio::sync::Mutex<NodeState>,
     /// Programs and maps: usable without the lock (map syscalls are atomic; conntrack GC runs
     /// beside RPCs). Changes that must agree with IPAM or services happen under the lock.
     pub datapath: Arc<Datapath>,
@@ -25,6 +30,16 @@ pub struct State {
     inner: Mutex<Inner>,
     /// Services have their own lock: a large apply never holds up a pod's ADD or DEL.
     services: Mutex<Services>,
+}
+
+/// What the nodes room keeps between syncs.
+pub struct NodeState {
+    map: NodeMap,
+    routes: Option<nodes::routes::Routes>,
+    pub peers: Vec<Peer>,
+    pub routed: Vec<(Cidr, std::net::Ipv4Addr)>,
+    /// This node's own Node object's pod CIDR, when it differs from the one in use.
+    pub cidr_mismatch: Option<String>,
 }
 
 /// What the IPAM lock guards: the allocation records (the datapath attachments follow them).
@@ -45,8 +60,11 @@ pub fn ifindex(name: &str) -> Option<u32> {
 
 impl State {
     pub fn open(config: &Config) -> Result<State> {
-        let ipam = Ipam::open(&config.state_dir.join("ipam"), config.pod_cidr)
-            .context("opening the IPAM store")?;
+        let uplinks = nodes::discover(&config.nodeport_ifaces, config.node_ip)
+            .context("finding the nodeport interfaces")?;
+        if uplinks.ifaces.is_empty() {
+            tracing::warn!("no --nodeport-iface and no default route: external frontends (NodePort, LoadBalancer, external IPs) are not served");
+        }
         let datapath = Datapath::load(&DatapathConfig {
             bpffs: config.bpffs.clone(),
             mode: config.attach_mode,
@@ -55,6 +73,8 @@ impl State {
             ct_refresh: Duration::from_secs(1),
             ct_timeouts: config.ct_timeouts,
             xlate_ports: config.xlate_ports,
+            node_addr: uplinks.node_ip,
+            lb_mode: config.lb_mode,
         })?;
         let services = Services::open(
             &config.state_dir,
@@ -67,8 +87,32 @@ impl State {
             },
         )
         .context("loading services")?;
+        // This node's Node object names its pod CIDR: it wins over --pod-cidr (as the cluster's
+        // node IPAM decided it); without one, --pod-cidr is used.
+        let (own_cidr, _) = nodes::peers_of(&services.nodes(), &config.node_name);
+        let pod_cidr = match own_cidr.as_deref().map(str::parse::<Cidr>) {
+            Some(Ok(c)) => {
+                if c != config.pod_cidr {
+                    tracing::warn!(node_object = %c, flag = %config.pod_cidr,
+                        "this node's Node object gives another pod CIDR than --pod-cidr: using the Node's");
+                }
+                c
+            }
+            _ => config.pod_cidr,
+        };
+        let ipam = Ipam::open(&config.state_dir.join("ipam"), pod_cidr)
+            .context("opening the IPAM store")?;
+        let node_map = NodeMap::load(&datapath.maps).context("reading the node map")?;
         Ok(State {
             node_name: config.node_name.clone(),
+            uplinks,
+            nodes: tokio::sync::Mutex::new(NodeState {
+                map: node_map,
+                routes: None,
+                peers: Vec::new(),
+                routed: Vec::new(),
+                cidr_mismatch: None,
+            }),
             datapath: Arc::new(datapath),
             ct_timeouts: config.ct_timeouts,
             inner: Mutex::new(Inner { ipam }),
@@ -92,9 +136,68 @@ impl State {
         self.lock().ipam.cidr()
     }
 
+    /// Brings the node map and the routes to other nodes' pod CIDRs in line with the Node
+    /// objects in effect. Errors are logged (a node that cannot be routed must not stop the rest).
+    pub async fn sync_nodes(&self) {
+        let objects = self.services().nodes();
+        let (own_cidr, peers) = nodes::peers_of(&objects, &self.node_name);
+        let cidr = self.pod_cidr();
+        let mut ns = self.nodes.lock().await;
+        ns.cidr_mismatch = own_cidr.filter(|c| c.parse::<Cidr>().ok() != Some(cidr));
+        if let Some(c) = &ns.cidr_mismatch {
+            tracing::warn!(node_object = %c, in_use = %cidr, "this node's pod CIDR changed in its Node object: takes effect when sluiced restarts");
+        }
+        match ns
+            .map
+            .sync(&self.datapath.maps, &self.uplinks.addrs, &peers)
+        {
+            Ok(n) if n > 0 => tracing::info!(writes = n, peers = peers.len(), "node map updated"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "writing the node map"),
+        }
+        let want = nodes::desired_routes(&peers, cidr);
+        if ns.routes.is_none() {
+            match nodes::routes::Routes::new() {
+                Ok(r) => ns.routes = Some(r),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "rtnetlink"),
+            }
+        }
+        if let Some(r) = &ns.routes {
+            match r.sync(&want).await {
+                Ok((0, 0)) => {}
+                Ok((added, removed)) => {
+                    tracing::info!(added, removed, "routes to other nodes' pod CIDRs updated")
+                }
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "syncing routes"),
+            }
+        }
+        ns.peers = peers;
+        ns.routed = want;
+    }
+
+    /// The peers and routes as last synced, and a pending pod CIDR change.
+    pub async fn node_view(&self) -> (Vec<Peer>, Vec<(Cidr, std::net::Ipv4Addr)>, Option<String>) {
+        let ns = self.nodes.lock().await;
+        (
+            ns.peers.clone(),
+            ns.routed.clone(),
+            ns.cidr_mismatch.clone(),
+        )
+    }
+
     /// Start-up: give every live pod the current programs (its traffic never stops: tcx links are
     /// updated in place), and release what a DEL left behind while the daemon was away.
     pub async fn reconcile_at_start(&self) {
+        for (name, idx) in &self.uplinks.ifaces {
+            match self.datapath.attach_uplink(name, *idx) {
+                Ok(()) => {
+                    tracing::info!(iface = %name, "external frontends served on this interface")
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), iface = %name, "attaching the uplink programs failed")
+                }
+            }
+        }
         let mut inner = self.lock();
         let ipam = &mut inner.ipam;
         let datapath = &*self.datapath;

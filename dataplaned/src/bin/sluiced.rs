@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use sluiced::ipam::{Cidr, Ipam};
-use sluiced::{AttachMode, Config, MapSizes};
+use sluiced::{AttachMode, Config, LbMode, MapSizes};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -15,6 +15,12 @@ enum Mode {
     Auto,
     Tcx,
     Tc,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LbModeArg {
+    Dsr,
+    Tunnel,
 }
 
 #[derive(Debug, Parser)]
@@ -88,6 +94,17 @@ struct Args {
     /// Seconds between conntrack garbage-collection sweeps
     #[arg(long, default_value_t = 10)]
     ct_gc_interval: u64,
+    /// Serve NodePorts, LoadBalancer and external IPs on this interface (repeatable; default: the
+    /// interface of the default route)
+    #[arg(long = "nodeport-iface", value_name = "IFACE")]
+    nodeport_iface: Vec<String>,
+    /// This node's address (default: the first IPv4 address of the first --nodeport-iface)
+    #[arg(long)]
+    node_ip: Option<Ipv4Addr>,
+    /// External flows to a backend on another node: `dsr` (the backend's node answers the client
+    /// directly) or `tunnel` (replies go back through the node the client reached)
+    #[arg(long, value_enum, default_value = "dsr")]
+    lb_mode: LbModeArg,
     /// Remove everything this daemon created (pins, attachments, state, socket) and exit
     #[arg(long)]
     cleanup: bool,
@@ -143,6 +160,12 @@ fn main() -> Result<()> {
             udp_stream: Duration::from_secs(args.ct_timeout_udp_stream),
         },
         xlate_ports: args.ct_nat_ports,
+        nodeport_ifaces: args.nodeport_iface.clone(),
+        node_ip: args.node_ip,
+        lb_mode: match args.lb_mode {
+            LbModeArg::Dsr => LbMode::Dsr,
+            LbModeArg::Tunnel => LbMode::Tunnel,
+        },
         ct_gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -199,7 +222,10 @@ fn cleanup(args: &Args, pod_cidr: Cidr) -> Result<()> {
     } else {
         Vec::new()
     };
-    sluiced::datapath::Datapath::cleanup(&args.bpffs, &ifindexes)?;
+    let uplinks = sluiced::nodes::discover(&args.nodeport_iface, args.node_ip)
+        .map(|u| u.ifaces.into_iter().map(|(_, i)| i).collect::<Vec<_>>())
+        .unwrap_or_default();
+    sluiced::datapath::Datapath::cleanup(&args.bpffs, &ifindexes, &uplinks)?;
     if args.state_dir.exists() {
         std::fs::remove_dir_all(&args.state_dir)
             .with_context(|| format!("removing {}", args.state_dir.display()))?;

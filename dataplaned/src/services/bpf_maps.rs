@@ -176,7 +176,7 @@ impl ServiceMaps for BpfServiceMaps<'_> {
 
     fn reset_counters(&mut self, svc_id: u32) -> Result<()> {
         let zero =
-            vec![as_bytes(&types::counter::default()).to_vec(); libbpf_rs::num_possible_cpus()?];
+            vec![as_bytes(&types::svc_stats::default()).to_vec(); libbpf_rs::num_possible_cpus()?];
         self.maps
             .services
             .update_percpu(as_bytes(&svc_id), &zero, MapFlags::ANY)

@@ -229,6 +229,18 @@ impl Services {
         Ok(())
     }
 
+    /// The Node objects in effect (for the nodes room: peers, routes, this node's pod CIDR).
+    pub fn nodes(&self) -> Vec<k8s_openapi::api::core::v1::Node> {
+        self.store
+            .effective()
+            .into_values()
+            .filter_map(|o| match o {
+                Object::Node(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn has_manifests(&self) -> bool {
         self.store.has_manifests()
     }
@@ -258,7 +270,7 @@ impl Services {
                 let slots = id.map(|i| self.writer.slots_of(i)).unwrap_or(&[]);
                 let fes = by_set.get(set).cloned().unwrap_or_default();
                 let c = id
-                    .map(|i| Datapath::counter(&maps.services, i))
+                    .map(|i| Datapath::service_stats(&maps.services, i))
                     .unwrap_or_default();
                 ServiceView {
                     namespace: set.namespace.clone(),
