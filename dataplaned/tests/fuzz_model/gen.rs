@@ -234,11 +234,12 @@ impl Gen {
         }
         // Conntrack.
         for _ in 0..self.rng.weighted(&[10, 15, 20, 20, 15, 10, 10]) {
-            match self.rng.weighted(&[50, 25, 15, 10]) {
+            match self.rng.weighted(&[50, 25, 15, 10, 6]) {
                 0 => self.service_flow(&mut st, now),
                 1 => self.direct_flow(&mut st, now),
                 2 => self.xlate_direct_flow(&mut st, now),
-                _ => self.garbage_entry(&mut st, now),
+                3 => self.garbage_entry(&mut st, now),
+                _ => self.fill_xlate_ports(&mut st, now),
             }
         }
         st
@@ -441,6 +442,53 @@ impl Gen {
         let (rk, mut rev) = inverse(&t, &fwd);
         rev.seen = self.seen(proto, false);
         self.put_legs(st, now, (t, fwd), (rk, rev));
+    }
+
+    /// Live reply tuples (peer -> pod:P) on most or all of the translated ports, so that a
+    /// translation towards that peer finds the range full (CT_COLLISION) or nearly so.
+    fn fill_xlate_ports(&mut self, st: &mut State, now: u64) {
+        let (peer, pport) = if self.rng.pct(70) {
+            self.rng.pick(&BACKENDS)
+        } else {
+            (self.rng.pick(&PEERS), self.rng.pick(&PEER_PORTS))
+        };
+        let proto = self.rng.pick(&[TCP, UDP]);
+        let skip = if self.rng.pct(50) {
+            None
+        } else {
+            Some(
+                self.rng
+                    .range(self.cfg.xlate_min as u64, self.cfg.xlate_max as u64)
+                    as u16,
+            )
+        };
+        for port in self.cfg.xlate_min..=self.cfg.xlate_max {
+            if Some(port) == skip {
+                continue;
+            }
+            let k = Tuple {
+                saddr: peer,
+                sport: pport,
+                daddr: POD,
+                dport: port,
+                proto,
+            };
+            let mut c = if self.rng.pct(60) {
+                let mut d = Ct::blank(CT_DIRECT);
+                d.seen = self.seen(proto, true) | self.seen(proto, false) << PEER_SHIFT;
+                d
+            } else {
+                let mut r = Ct::blank(CT_REV);
+                r.nat_saddr = self.rng.pick(&[VIP1, VIP2]);
+                r.nat_sport = self.rng.pick(&[80, 53]);
+                r.seen = self.seen(proto, false);
+                r
+            };
+            // Young: a live flow (an entry with no other leg is still live while not idle).
+            c.last = Stamp::At(now - self.rng.pick(&[50u64, 3_000]) * 1_000_000);
+            c.created = c.last;
+            st.ct.insert(k, c);
+        }
     }
 
     /// Anything at all, at a tuple of the cluster.

@@ -5,6 +5,7 @@
 pub mod gen;
 pub mod model;
 pub mod net;
+pub mod repro;
 pub mod run;
 pub mod target;
 pub mod variants;

@@ -32,6 +32,9 @@ pub struct Stats {
     pub first_catch_at: Option<u64>,
     /// Frames BPF_PROG_TEST_RUN refused to run (not counted as packets).
     pub refused: u64,
+    /// How often each rule of the model (its trace lines, numbers and addresses elided) was
+    /// part of an outcome that matched the real one.
+    pub coverage: BTreeMap<String, u64>,
     /// The reports, as printed.
     pub reports: Vec<String>,
 }
@@ -155,6 +158,81 @@ fn control_agrees(c: &Target, pkt: &Packet, before: &State) -> bool {
     }
 }
 
+/// Whether `t` and the model disagree on this packet and state.
+fn disagrees(t: &Target, pkt: &Packet, st: &State) -> bool {
+    let before = set_up(t, st);
+    let mut counters = t.counters();
+    match step(t, pkt, &before, &mut counters) {
+        None => false,
+        Some((real, clk, notes)) => {
+            judge(&t.cfg, &pkt.prog, &pkt.frame, &before, clk, &real, &notes)
+                .diff
+                .is_some()
+        }
+    }
+}
+
+/// The state with every record removed that the disagreement does not need (greedy, one
+/// record at a time).
+pub fn minimize(t: &Target, pkt: &Packet, st: &State) -> State {
+    let mut cur = st.clone();
+    macro_rules! shrink {
+        ($field:ident) => {
+            for k in cur.$field.clone().into_iter().map(|e| e.0) {
+                let mut trial = cur.clone();
+                trial.$field.remove(&k);
+                if disagrees(t, pkt, &trial) {
+                    cur = trial;
+                }
+            }
+        };
+    }
+    shrink!(ct);
+    shrink!(aff);
+    shrink!(frag);
+    shrink!(fe);
+    shrink!(be);
+    for m in cur.bm.clone() {
+        let mut trial = cur.clone();
+        trial.bm.remove(&m);
+        if disagrees(t, pkt, &trial) {
+            cur = trial;
+        }
+    }
+    for v in cur.vip.clone() {
+        let mut trial = cur.clone();
+        trial.vip.remove(&v);
+        if disagrees(t, pkt, &trial) {
+            cur = trial;
+        }
+    }
+    if cur.pod.is_some() {
+        let mut trial = cur.clone();
+        trial.pod = None;
+        if disagrees(t, pkt, &trial) {
+            cur = trial;
+        }
+    }
+    cur
+}
+
+/// One packet against one state, on `t` and the model: the report, if they disagree.
+pub fn check_one(t: &Target, pkt: &Packet, st: &State) -> Option<String> {
+    let before = set_up(t, st);
+    let mut counters = t.counters();
+    let Some((real, clk, notes)) = step(t, pkt, &before, &mut counters) else {
+        return Some("BPF_PROG_TEST_RUN refused the frame".into());
+    };
+    let j = judge(&t.cfg, &pkt.prog, &pkt.frame, &before, clk, &real, &notes);
+    match j.diff {
+        None => {
+            println!("agreement: {}", j.trace.join(" / "));
+            None
+        }
+        Some(d) => Some(report(t, 0, 0, 0, 1, pkt, &before, clk, &real, &d)),
+    }
+}
+
 pub fn fuzz(t: &Target, o: &Options) -> Stats {
     let started = Instant::now();
     let mut stats = Stats::default();
@@ -191,6 +269,9 @@ pub fn fuzz(t: &Target, o: &Options) -> Stats {
             if verdict.ambiguous {
                 stats.clock_ambiguous += 1;
             }
+            for line in &verdict.trace {
+                *stats.coverage.entry(rule_of(line)).or_default() += 1;
+            }
             if let Some(diff) = verdict.diff {
                 stats.disagreements += 1;
                 stats.first_at.get_or_insert(stats.packets);
@@ -222,6 +303,13 @@ pub fn fuzz(t: &Target, o: &Options) -> Stats {
                     }
                     None => true,
                 };
+                if o.control.is_none() && o.print {
+                    let min = minimize(t, &pkt, &before);
+                    report.push_str(&format!(
+                        "  minimal reproduction (state records the disagreement does not need removed): FUZZ_REPRO='{}'\n",
+                        super::repro::encode(pkt.prog, &pkt.frame, &min, mono_ns())
+                    ));
+                }
                 if caught {
                     stats.catches += 1;
                     stats.first_catch_at.get_or_insert(stats.packets);
@@ -274,6 +362,24 @@ pub fn fuzz(t: &Target, o: &Options) -> Stats {
     stats
 }
 
+/// A trace line without its numbers, addresses and entry descriptions.
+fn rule_of(line: &str) -> String {
+    let mut s = String::new();
+    for w in line.split(' ') {
+        if w.chars().any(|c| c.is_ascii_digit()) {
+            if !s.ends_with('#') {
+                s.push_str(" #");
+            }
+        } else {
+            if !s.is_empty() {
+                s.push(' ');
+            }
+            s.push_str(w);
+        }
+    }
+    s.split(" (").next().unwrap().to_string()
+}
+
 /// A frame the kernel's test run may refuse: an IPv4 (IPv6) EtherType with less than an IP
 /// header.
 fn unrunnable(f: &[u8]) -> bool {
@@ -319,6 +425,8 @@ fn same_config(a: &State, b: &State) -> bool {
 struct Judgement {
     /// None: the real outcome is one the model allows.
     diff: Option<Diff>,
+    /// The matching outcome's trace.
+    trace: Vec<String>,
     ambiguous: bool,
 }
 
@@ -354,6 +462,7 @@ fn judge(
         if problems.is_empty() {
             return Judgement {
                 diff: None,
+                trace: out.trace,
                 ambiguous,
             };
         }
@@ -377,6 +486,7 @@ fn judge(
     d.outcomes = n;
     Judgement {
         diff: Some(d),
+        trace: vec![],
         ambiguous,
     }
 }
@@ -611,6 +721,11 @@ fn report(
         s,
         "DISAGREEMENT on {}: seed {seed:#x}, scenario {scenario}, step {step} (packet {packet_no}); replay: FUZZ_SEED={seed:#x} FUZZ_SCENARIO={scenario}",
         t.name
+    );
+    let _ = writeln!(
+        s,
+        "  exact reproduction: FUZZ_REPRO='{}' cargo test --release -p sluice-dataplaned --test fuzz_packets -- --ignored --exact fuzz_repro --nocapture",
+        super::repro::encode(pkt.prog, &pkt.frame, before, clk.lo)
     );
     let _ = writeln!(s, "  program: {:?}; meant as: {}", pkt.prog, pkt.what);
     let _ = writeln!(s, "  packet:  {}", describe(&pkt.frame));
