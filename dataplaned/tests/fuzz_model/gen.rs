@@ -762,7 +762,14 @@ impl Gen {
         h.df = false;
         let k = h.frag_key();
         self.firsts.push((prog, k));
-        let l4 = self.l4_bytes(&h, t, flags);
+        let mut l4 = self.l4_bytes(&h, t, flags);
+        let mut what = what.to_string();
+        if self.rng.pct(15) {
+            // A tiny first fragment: the L4 header does not fit in it.
+            let n = self.rng.pick(&[0usize, 4, 7, 8, 12, 19]).min(l4.len());
+            l4.truncate(n);
+            what.push_str(&format!(", tiny ({n} bytes of L4)"));
+        }
         let first = Packet {
             prog,
             frame: h.build(&l4),
@@ -1013,6 +1020,16 @@ impl Gen {
                 put16(&mut b, 14, 64240);
                 if r.pct(5) {
                     put16(&mut b, 18, r.u16());
+                }
+                if r.pct(10) {
+                    // TCP options (MSS, then NOPs): a data offset above 5.
+                    let words = r.range(1, 10) as usize;
+                    let mut o = vec![2, 4, 0x05, 0xb4];
+                    o.resize(words * 4, 1);
+                    b.extend_from_slice(&o);
+                    b[12] = ((5 + words) as u8) << 4;
+                } else if r.pct(2) {
+                    b[12] = (r.below(16) as u8) << 4; // any data offset at all
                 }
                 b.extend_from_slice(&payload);
                 let c = h.pseudo_checksum(&b);

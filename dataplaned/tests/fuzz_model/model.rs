@@ -330,6 +330,10 @@ pub struct Outcome {
     pub loose: Vec<usize>,
     /// The rules the packet went through.
     pub trace: Vec<String>,
+    /// The random choices the datapath made: ("slots", distinguishable slots as bits, count)
+    /// then ("slot", slot, count); for a translation
+    /// ("xlate", free ports, range), then ("port", port, 0) or ("collision", 0, 0).
+    pub picks: Vec<(&'static str, u32, u32)>,
 }
 
 /// A parsed IPv4 packet (bpf/RULES.md, Parsing).
@@ -506,6 +510,7 @@ struct M<'a> {
     loose: Vec<usize>,
     trace: Vec<String>,
     svc: Option<u32>,
+    picks: Vec<(&'static str, u32, u32)>,
 }
 
 /// The end of a packet's way: verdict and reason (the frame is in M::f).
@@ -543,6 +548,7 @@ pub fn run(
         loose: vec![],
         trace: vec![],
         svc: None,
+        picks: vec![],
     };
     let (verdict, reason) = match parsed {
         Err((v, r)) => {
@@ -566,6 +572,7 @@ pub fn run(
         st: m.st,
         loose: m.loose,
         trace: m.trace,
+        picks: m.picks,
     }
 }
 
@@ -983,6 +990,17 @@ impl M<'_> {
             }
         }
         let slot = self.ch.choose(count as usize, "random slot") as u32;
+        // Which slots an observer can tell apart (a backend in two slots, or two missing slots,
+        // look the same): bit j set when slot j's content is unique among the set's slots.
+        let content = |j: u32| self.st.be.get(&(set_id, j)).map(|b| (b.addr, b.port));
+        let mut distinct = 0u32;
+        for j in 0..count.min(32) {
+            if (0..count).filter(|&i| content(i) == content(j)).count() == 1 {
+                distinct |= 1 << j;
+            }
+        }
+        self.picks.push(("slots", distinct, count));
+        self.picks.push(("slot", slot, count));
         let Some(b) = self.st.be.get(&(set_id, slot)).copied() else {
             self.note(format!("slot {slot} of set {set_id} missing"));
             return Err((TC_ACT_SHOT, R::REASON_DROP_NO_BACKEND));
@@ -1086,7 +1104,9 @@ impl M<'_> {
         let range = (hi - lo) as usize + 1;
         let n = free.len() + usize::from(free.len() < range);
         let c = self.ch.choose(n, "translated port");
+        self.picks.push(("xlate", free.len() as u32, range as u32));
         if c == free.len() {
+            self.picks.push(("collision", 0, 0));
             self.note(format!(
                 "translate: no free port found ({} of {range} free)",
                 free.len()
@@ -1094,6 +1114,7 @@ impl M<'_> {
             return None;
         }
         let port = free[c];
+        self.picks.push(("port", port as u32, 0));
         fwd.nat_sport = port;
         fwd.flags |= F_XLATE;
         let (rk, rv) = inverse(t, fwd);

@@ -35,6 +35,15 @@ pub struct Stats {
     /// How often each rule of the model (its trace lines, numbers and addresses elided) was
     /// part of an outcome that matched the real one.
     pub coverage: BTreeMap<String, u64>,
+    /// By (set count, slot): new flows in which that slot was distinguishable, and in which it
+    /// was then chosen; translated ports chosen.
+    pub slot_chances: BTreeMap<(u32, u32), u64>,
+    pub slots: BTreeMap<(u32, u32), u64>,
+    pub ports: BTreeMap<u32, u64>,
+    /// Translation collisions: observed, and expected from the free ports of each attempt
+    /// (8 uniform tries miss every free port with probability (taken/range)^8).
+    pub collisions: u64,
+    pub expected_collisions: f64,
     /// The reports, as printed.
     pub reports: Vec<String>,
 }
@@ -238,6 +247,8 @@ pub fn fuzz(t: &Target, o: &Options) -> Stats {
     let mut stats = Stats::default();
     let cfg = t.cfg;
     let mut scenario = o.first_scenario;
+    let mut distribution_reported = false;
+    let mut next_distribution_check = 1000;
     'scenarios: while stats.packets < o.packets {
         let rng = Rng::derive(o.seed, scenario);
         let now = mono_ns();
@@ -271,6 +282,28 @@ pub fn fuzz(t: &Target, o: &Options) -> Stats {
             }
             for line in &verdict.trace {
                 *stats.coverage.entry(rule_of(line)).or_default() += 1;
+            }
+            let mut distinct = 0;
+            for &(what, v, n) in &verdict.picks {
+                match what {
+                    "slots" => {
+                        distinct = v;
+                        for j in 0..n.min(32) {
+                            if v & (1 << j) != 0 {
+                                *stats.slot_chances.entry((n, j)).or_default() += 1;
+                            }
+                        }
+                    }
+                    "slot" if v < 32 && distinct & (1 << v) != 0 => {
+                        *stats.slots.entry((n, v)).or_default() += 1
+                    }
+                    "slot" => {}
+                    "port" => *stats.ports.entry(v).or_default() += 1,
+                    "xlate" => {
+                        stats.expected_collisions += ((n - v) as f64 / n as f64).powi(8);
+                    }
+                    _ => stats.collisions += 1,
+                }
             }
             if let Some(diff) = verdict.diff {
                 stats.disagreements += 1;
@@ -357,9 +390,76 @@ pub fn fuzz(t: &Target, o: &Options) -> Stats {
             }
         }
         scenario += 1;
+        if !distribution_reported && stats.packets >= next_distribution_check {
+            next_distribution_check = stats.packets + 1000;
+            distribution_reported = check_distribution(t, o, &mut stats);
+            if distribution_reported && o.stop_at_first {
+                break;
+            }
+        }
+    }
+    if !distribution_reported {
+        check_distribution(t, o, &mut stats);
     }
     stats.seconds = started.elapsed().as_secs_f64();
     stats
+}
+
+/// Reports what `distribution` finds; true if it found anything.
+fn check_distribution(t: &Target, o: &Options, stats: &mut Stats) -> bool {
+    let problems = distribution(stats, &t.cfg);
+    for p in &problems {
+        stats.disagreements += 1;
+        stats.catches += 1;
+        stats.first_catch_at.get_or_insert(stats.packets);
+        let r = format!(
+            "DISAGREEMENT on {} (seed {:#x}, first {} packets): {p}",
+            t.name, o.seed, stats.packets
+        );
+        if o.print {
+            println!("{r}");
+        }
+        stats.reports.push(r);
+    }
+    !problems.is_empty()
+}
+
+/// Draws per option before "never chosen" counts as wrong: missing one of n equally likely
+/// options in 15n draws has probability (1 - 1/n)^15n, at most (3/4)^60 ~ 3e-8 for n <= 4.
+const MIN_DRAWS_PER_OPTION: u64 = 15;
+/// Translations before a never-chosen port counts as wrong (ports taken by live flows are not
+/// free for every translation, so more than 15 per port).
+const MIN_TRANSLATIONS: u64 = 100;
+
+/// The datapath's random choices must be able to reach every option: each slot of a set (for
+/// each set size seen often enough) and each port of the translated range.
+fn distribution(s: &Stats, cfg: &Config) -> Vec<String> {
+    let mut out = vec![];
+    for (&(n, j), &chances) in &s.slot_chances {
+        if n > 1 && chances >= MIN_DRAWS_PER_OPTION * n as u64 && !s.slots.contains_key(&(n, j)) {
+            out.push(format!(
+                "random slot of a {n}-slot set: slot {j} never chosen in {chances} new flows that could tell it apart"
+            ));
+        }
+    }
+    let total: u64 = s.ports.values().sum();
+    if total >= MIN_TRANSLATIONS {
+        let range = cfg.xlate_min as u32..=cfg.xlate_max as u32;
+        let never: Vec<u32> = range.clone().filter(|p| !s.ports.contains_key(p)).collect();
+        if !never.is_empty() {
+            out.push(format!(
+                "translated ports {never:?} of {range:?} never chosen in {total} translations"
+            ));
+        }
+    }
+    let (seen, want) = (s.collisions as f64, s.expected_collisions);
+    if seen > want + 6.0 * want.sqrt() + 4.0 {
+        out.push(format!(
+            "{} translation collisions where 8 uniform tries over the free ports make {want:.1} expected",
+            s.collisions
+        ));
+    }
+    out
 }
 
 /// A trace line without its numbers, addresses and entry descriptions.
@@ -425,8 +525,9 @@ fn same_config(a: &State, b: &State) -> bool {
 struct Judgement {
     /// None: the real outcome is one the model allows.
     diff: Option<Diff>,
-    /// The matching outcome's trace.
+    /// The matching outcome's trace and random choices.
     trace: Vec<String>,
+    picks: Vec<(&'static str, u32, u32)>,
     ambiguous: bool,
 }
 
@@ -463,6 +564,7 @@ fn judge(
             return Judgement {
                 diff: None,
                 trace: out.trace,
+                picks: out.picks,
                 ambiguous,
             };
         }
@@ -487,6 +589,7 @@ fn judge(
     Judgement {
         diff: Some(d),
         trace: vec![],
+        picks: vec![],
         ambiguous,
     }
 }

@@ -78,6 +78,18 @@ pub const VARIANTS: &[Variant] = &[
         replace: "xlate_port_min + 2;",
     },
     Variant {
+        name: "random slot always slot 0",
+        file: "lib/lb.h",
+        find: "bk.slot = bpf_get_prandom_u32() % set.count;",
+        replace: "bk.slot = 0;",
+    },
+    Variant {
+        name: "translated port always the range's first",
+        file: "lib/xlate.h",
+        find: "xlate_port_min + bpf_get_prandom_u32() % span",
+        replace: "xlate_port_min + 0 * span",
+    },
+    Variant {
         name: "SYN on an ended service flow kept as established (no port reuse)",
         file: "lib/lb.h",
         find: "reason = REASON_FLOW_REPLACED; /* the port is reused: a new flow */",
