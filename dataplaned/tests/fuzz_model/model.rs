@@ -933,7 +933,7 @@ impl M<'_> {
         self.new_flow(&t, &fe, set_id, count, caller)
     }
 
-    /// Service forward, established.
+    /// Service forward, "Else established": touch, the flow's rewrite, a half flow repaired.
     fn service_established(&mut self, t: &Tuple, fe: &Fe) -> Done {
         self.touch(t, 0);
         let e = self.st.ct[t];
@@ -949,11 +949,12 @@ impl M<'_> {
         } else {
             self.note("service: established");
         }
-        self.service_out(&e, fe, reason)
+        self.forward_rewrite(&e, fe, reason)
     }
 
-    /// Service forward, "Then": count, rewrite, remember a first fragment, hairpin bounce.
-    fn service_out(&mut self, flow: &Ct, fe: &Fe, reason: R) -> Done {
+    /// Service forward, "Then:": the service counter, the rewrite, the first fragment's memory,
+    /// the hairpin bounce.
+    fn forward_rewrite(&mut self, flow: &Ct, fe: &Fe, reason: R) -> Done {
         self.svc = Some(fe.cluster_id);
         self.rewrite_per(flow);
         self.remember_first_fragment();
@@ -1019,7 +1020,7 @@ impl M<'_> {
         Ok((b, R::REASON_NAT_NEW))
     }
 
-    /// Service forward, new flow (steps 1-6).
+    /// Service forward, *New flow* (steps 1-6).
     fn new_flow(&mut self, t: &Tuple, fe: &Fe, set_id: u32, count: u32, caller: Option<R>) -> Done {
         // 1.
         let (b, pick_reason) = match self.pick_backend(fe, set_id, count) {
@@ -1084,7 +1085,7 @@ impl M<'_> {
         if hairpin && reason == R::REASON_NAT_NEW {
             reason = R::REASON_HAIRPIN;
         }
-        self.service_out(&fwd, fe, reason)
+        self.forward_rewrite(&fwd, fe, reason)
     }
 
     /// *Translate*: a port P in the range whose reply leg inverse(t, fwd with P) is free; the
@@ -1238,7 +1239,7 @@ impl M<'_> {
         }
     }
 
-    /// Direct path 1: a packet of a translated direct flow.
+    /// Direct path, step 1: a packet of a translated direct flow (touch, repair, rewrite sport).
     fn translated_direct(&mut self, t: &Tuple) -> Done {
         self.touch(t, 0);
         let e = self.st.ct[t];

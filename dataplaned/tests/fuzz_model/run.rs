@@ -283,6 +283,10 @@ pub fn fuzz(t: &Target, o: &Options) -> Stats {
             for line in &verdict.trace {
                 *stats.coverage.entry(rule_of(line)).or_default() += 1;
             }
+            for w in verdict.trace.windows(2) {
+                let pair = format!("{} => {}", rule_of(&w[0]), rule_of(&w[1]));
+                *stats.coverage.entry(pair).or_default() += 1;
+            }
             let mut distinct = 0;
             for &(what, v, n) in &verdict.picks {
                 match what {
