@@ -44,6 +44,7 @@
 struct packet {
 	__u32  len;             /* frame length as received: what the counters count */
 	__u32  l4_off;          /* from the start of the frame; honours IP options */
+	__u32  ip_end;          /* where the IP packet ends in the frame (padding may follow) */
 	__be32 saddr;
 	__be32 daddr;
 	__be16 sport;           /* 0 for a later fragment */

@@ -74,13 +74,16 @@ SL_GLOBAL int icmp_error_rev_nat(struct __sk_buff *skb, struct packet *pkt)
 		return REASON_PASS;
 	if (icmp.type != ICMP_DEST_UNREACH && icmp.type != ICMP_TIME_EXCEEDED)
 		return REASON_PASS;
+	/* Everything quoted lies within the ICMP packet, not in padding after it. */
 	in_off = pkt->l4_off + ICMP_HDR_LEN;
-	if (bpf_skb_load_bytes(skb, in_off, &in, sizeof(in)) < 0)
+	if (in_off + sizeof(in) > pkt->ip_end ||
+	    bpf_skb_load_bytes(skb, in_off, &in, sizeof(in)) < 0)
 		return REASON_PASS;
 	if (in.version != 4 || in.ihl < 5 || (in.protocol != IPPROTO_TCP && in.protocol != IPPROTO_UDP))
 		return REASON_PASS;
 	in_l4 = in_off + (in.ihl & 0xf) * 4;
-	if (bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)) < 0)
+	if (in_l4 + sizeof(ports) > pkt->ip_end ||
+	    bpf_skb_load_bytes(skb, in_l4, ports, sizeof(ports)) < 0)
 		return REASON_PASS;
 
 	/* The quote went client -> backend; the flow's reply leg is backend -> client. */
@@ -97,7 +100,7 @@ SL_GLOBAL int icmp_error_rev_nat(struct __sk_buff *skb, struct packet *pkt)
 
 	/* The quoted transport checksum, when quoted (UDP 0 = none): pseudo header and ports. */
 	sum_off = in_l4 + (in.protocol == IPPROTO_TCP ? 16 : 6);
-	if (skb->len >= sum_off + 2 && bpf_skb_load_bytes(skb, sum_off, &old_sum, 2) == 0 &&
+	if (pkt->ip_end >= sum_off + 2 && bpf_skb_load_bytes(skb, sum_off, &old_sum, 2) == 0 &&
 	    !(in.protocol == IPPROTO_UDP && old_sum == 0)) {
 		__u64 mangled = in.protocol == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 

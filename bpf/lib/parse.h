@@ -43,6 +43,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 
 	pkt->ihl = ip.ihl;
 	pkt->l4_off = ETH_HLEN + hdr_len;
+	pkt->ip_end = ETH_HLEN + ip_len;
 	pkt->saddr = ip.saddr;
 	pkt->daddr = ip.daddr;
 	pkt->proto = ip.protocol;

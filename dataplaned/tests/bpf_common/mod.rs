@@ -1282,8 +1282,33 @@ impl Dp {
             .collect()
     }
 
+    /// A service's packets and bytes (its struct svc_stats, summed over CPUs).
     pub fn svc_counter(&self, svc: u32) -> Count {
-        Dp::counter(&self.skel.maps.sl_svc_v1, svc)
+        let st = self.svc_stats(svc);
+        Count {
+            packets: st.packets,
+            bytes: st.bytes,
+        }
+    }
+
+    pub fn svc_stats(&self, svc: u32) -> types::svc_stats {
+        let per_cpu = self
+            .skel
+            .maps
+            .sl_svc_v2
+            .lookup_percpu(as_bytes(&svc), MapFlags::ANY)
+            .unwrap()
+            .expect("array entry");
+        let mut sum = types::svc_stats::default();
+        for b in per_cpu {
+            let c: types::svc_stats = from_bytes(&b);
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.local += c.local;
+            sum.forwarded += c.forwarded;
+            sum.decapsulated += c.decapsulated;
+        }
+        sum
     }
 
     pub fn pod_counts(&self, ifindex: u32) -> Option<PodCount> {

@@ -134,7 +134,7 @@ impl Target {
             vip: handle(&m.sl_vip_v1),
             pod: handle(&m.sl_pod_v2),
             rsn: handle(&m.sl_rsn_v2),
-            svc: handle(&m.sl_svc_v1),
+            svc: handle(&m.sl_svc_v2),
         };
         let dup = |p: &libbpf_rs::ProgramMut<'_>| p.as_fd().try_clone_to_owned().unwrap();
         let t = Target {
@@ -204,7 +204,7 @@ impl Target {
             vip: map("sl_vip_v1"),
             pod: map("sl_pod_v2"),
             rsn: map("sl_rsn_v2"),
-            svc: map("sl_svc_v1"),
+            svc: map("sl_svc_v2"),
         };
         Target {
             name: name.to_string(),
@@ -507,7 +507,18 @@ impl Target {
 
     /// Entries [0, n) of a per-CPU array of struct counter, in one BPF_MAP_LOOKUP_BATCH.
     fn percpu_counters(&self, m: &MapHandle, n: u32) -> Vec<Count> {
-        let stride = size_of::<types::counter>(); // 16: already a multiple of 8
+        self.percpu_pairs::<types::counter>(m, n, |v| (v.packets, v.bytes))
+    }
+
+    /// Entries [0, n) of a per-CPU array of T (a multiple of 8 bytes), as (packets, bytes).
+    fn percpu_pairs<T: Copy + Default>(
+        &self,
+        m: &MapHandle,
+        n: u32,
+        pair: impl Fn(&T) -> (u64, u64),
+    ) -> Vec<Count> {
+        let stride = size_of::<T>();
+        assert_eq!(stride % 8, 0, "per-CPU values are 8-byte aligned");
         let mut keys = vec![0u32; n as usize];
         let mut vals = vec![0u8; n as usize * self.ncpu * stride];
         let mut count = n;
@@ -536,9 +547,10 @@ impl Target {
             let mut c = (0u64, 0u64);
             for cpu in 0..self.ncpu {
                 let b = &vals[(i * self.ncpu + cpu) * stride..][..stride];
-                let v: types::counter = from_bytes(b);
-                c.0 += v.packets;
-                c.1 += v.bytes;
+                let v: T = from_bytes(b);
+                let (p, by) = pair(&v);
+                c.0 += p;
+                c.1 += by;
             }
             out[k as usize] = c;
         }
@@ -564,7 +576,9 @@ impl Target {
             });
         Counters {
             reasons: self.percpu_counters(&self.maps.rsn, REASONS),
-            svc: self.percpu_counters(&self.maps.svc, SVC_IDS),
+            svc: self.percpu_pairs::<types::svc_stats>(&self.maps.svc, SVC_IDS, |v| {
+                (v.packets, v.bytes)
+            }),
             pod,
         }
     }

@@ -92,8 +92,8 @@ pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "SYN on an ended service flow kept as established (no port reuse)",
         file: "lib/lb.h",
-        find: "reason = REASON_FLOW_REPLACED; /* the port is reused: a new flow */",
-        replace: "reason = 0;",
+        find: "*restart = REASON_FLOW_REPLACED; /* the port is reused: a new flow */",
+        replace: "*restart = 0;",
     },
     Variant {
         name: "affinity without the membership check",
