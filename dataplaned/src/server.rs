@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::datapath::{reason_name, AttachMode, Datapath};
 use crate::ipam::{Allocation, IpamError};
 use crate::services::{conntrack, objects, ApplyError};
-use crate::state::{ifindex, now_unix, Inner, State};
+use crate::state::{gc_plan, ifindex, now_unix, Inner, State, PENDING_GRACE};
 use crate::POD_GATEWAY;
 
 pub struct Api {
@@ -116,6 +116,7 @@ pub fn attachment(a: &Allocation, dp: &Datapath) -> Attachment {
         host_ifindex: idx,
         pod_namespace: a.pod_namespace.clone(),
         pod_name: a.pod_name.clone(),
+        network: a.network.clone(),
         counters: Some(PodCounters {
             rx_packets: c.rx_packets,
             rx_bytes: c.rx_bytes,
@@ -145,6 +146,7 @@ impl Dataplane for Api {
             host_ifindex: 0,
             attach_mode: String::new(),
             created: now_unix(),
+            network: req.network,
         };
         let (a, new, prefix) = self
             .locked(move |s, _dp| {
@@ -232,19 +234,23 @@ impl Dataplane for Api {
     }
 
     async fn gc(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
+        let req = req.into_inner();
         let keep: HashSet<(String, String)> = req
-            .into_inner()
             .valid
             .into_iter()
             .map(|r| (r.container_id, r.ifname))
             .collect();
+        let network = req.network;
         let doomed: Vec<Allocation> = self
             .locked(move |s, _dp| {
-                Ok(s.ipam
-                    .all()
-                    .filter(|a| !keep.contains(&(a.container_id.clone(), a.ifname.clone())))
-                    .cloned()
-                    .collect())
+                let plan = gc_plan(s.ipam.all(), &network, &keep, now_unix(), PENDING_GRACE);
+                for mut a in plan.claim {
+                    tracing::info!(container = %a.container_id, ifname = %a.ifname, network = %network,
+                        "gc: recording the network of an allocation it lists as valid");
+                    a.network = network.clone();
+                    s.ipam.update(a).map_err(ipam_status)?;
+                }
+                Ok(plan.release)
             })
             .await?;
         let mut reply = GcReply::default();
