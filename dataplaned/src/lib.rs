@@ -11,6 +11,7 @@ pub mod ipam;
 pub mod pod;
 pub mod server;
 pub mod services;
+pub mod sources;
 pub mod state;
 
 use std::future::Future;
