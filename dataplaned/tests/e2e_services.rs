@@ -576,7 +576,14 @@ fn manifests_directory_is_loaded_at_start_and_on_change() {
     .unwrap();
     node.stop_daemon().unwrap();
     node.start_daemon().unwrap();
-    assert_eq!(tcp_ask_full(&client.ns, "10.96.0.81", 80).unwrap().1, b.ip);
+    // Changed just before the start (maybe still being written): the last good version first,
+    // the file once it held still for a poll.
+    wait_for(
+        "the new manifest to be served",
+        Duration::from_secs(10),
+        || Ok(tcp_ask_full(&client.ns, "10.96.0.81", 80).is_ok_and(|(_, s)| s == b.ip)),
+    )
+    .unwrap();
     let fes: HashMap<String, bool> = node.get_json("services").unwrap()["services"][0]["frontends"]
         .as_array()
         .unwrap()

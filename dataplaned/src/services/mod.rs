@@ -247,6 +247,13 @@ impl Services {
         maps: &Maps,
         limits: Limits,
     ) -> Result<Services> {
+        // Each thread that allocates gets a glibc arena that keeps what it freed: with the API's
+        // blocking pool and the parser threads, many idle copies of a large apply's buffers
+        // (measured: 74 MiB instead of 52 after apply, delete, apply of 10k Services).
+        // SAFETY: mallopt only tunes the allocator.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
         let t = std::time::Instant::now();
         let (mut applied, raws) = AppliedLog::open(state_dir);
         let stored = raws.len();
@@ -418,18 +425,30 @@ impl Services {
         let before = self.applied.snapshot(logged);
         let writer = &mut self.writer;
         let applied = &mut self.applied;
-        let (synced, logged) = std::thread::scope(|s| {
-            let log = s.spawn(|| {
-                let t = std::time::Instant::now();
-                (applied.append(entries), us(t))
-            });
+        let mut write_log = || {
             let t = std::time::Instant::now();
-            let synced = writer.execute(plan, &mut BpfServiceMaps { maps });
-            timings.maps_us = us(t);
-            let (logged, log_us) = log.join().expect("log writer thread");
-            timings.log_us = log_us;
-            (synced, logged)
-        });
+            let r = applied.append(entries);
+            (r, us(t))
+        };
+        let mut write_maps = |plan| {
+            let t = std::time::Instant::now();
+            let r = writer.execute(plan, &mut BpfServiceMaps { maps });
+            (r, us(t))
+        };
+        // A large change writes the log beside the maps; a small one on this thread (a thread
+        // start can cost more than its fdatasync on a busy node).
+        let ((synced, maps_us), (logged, log_us)) = if entries.len() > 64 {
+            std::thread::scope(|s| {
+                let log = s.spawn(write_log);
+                let m = write_maps(plan);
+                (m, log.join().expect("log writer thread"))
+            })
+        } else {
+            let l = write_log();
+            (write_maps(plan), l)
+        };
+        timings.maps_us = maps_us;
+        timings.log_us = log_us;
         self.last_timings = timings;
         match (synced, logged) {
             (Ok(st), Ok(())) => {
@@ -567,11 +586,23 @@ impl Services {
             for p in d.ports {
                 let id = self.writer.set_id(key, &p.port);
                 let slots = id.map(|i| self.writer.slots_of(i)).unwrap_or(&[]);
-                let slot_of: HashMap<model::Backend, u32> = slots
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| (*b, i as u32))
-                    .collect();
+                // Most sets are small: a linear search, a map for large ones (never quadratic).
+                let index: FastMap<model::Backend, u32> = if slots.len() > 16 {
+                    slots
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| (*b, i as u32))
+                        .collect()
+                } else {
+                    FastMap::default()
+                };
+                let slot_of = |b: &model::Backend| {
+                    if slots.len() > 16 {
+                        index.get(b).copied()
+                    } else {
+                        slots.iter().position(|s| s == b).map(|i| i as u32)
+                    }
+                };
                 let c = id
                     .map(|i| Datapath::counter(&maps.services, i))
                     .unwrap_or_default();
@@ -598,7 +629,7 @@ impl Services {
                             serving: e.serving,
                             terminating: e.terminating,
                             node: e.node.as_deref().unwrap_or_default().to_string(),
-                            slot: slot_of.get(&e.backend).copied(),
+                            slot: slot_of(&e.backend),
                         })
                         .collect(),
                     packets: c.packets,

@@ -250,6 +250,14 @@ const PARALLEL_MIN_DOCS: usize = 256;
 
 /// Parses every document of `text` (YAML or JSON). Nothing is returned unless all are valid.
 pub fn parse(text: &str, source_name: &str) -> Result<Vec<Parsed>, ObjectError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(2);
+    parse_with(text, source_name, threads)
+}
+
+fn parse_with(text: &str, source_name: &str, threads: usize) -> Result<Vec<Parsed>, ObjectError> {
     let err = |document: usize, (object, field, message): ItemError| ObjectError {
         source_name: source_name.to_string(),
         document,
@@ -272,10 +280,6 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<Parsed>, ObjectError> 
     }) {
         chunks.remove(0);
     }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(2);
     let results: Vec<Result<(Vec<Parsed>, usize), ChunkError>> =
         if threads < 2 || chunks.len() < PARALLEL_MIN_DOCS {
             chunks.iter().map(|c| parse_chunk(c)).collect()
@@ -516,8 +520,11 @@ fn parse_value(v: Value, raw: String) -> Result<Parsed, ItemError> {
     )
     .map_err(|(f, m)| (who.clone(), f, m))?;
     fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, (String, String)> {
-        serde_path_to_error::deserialize(v)
-            .map_err(|e| (e.path().to_string(), e.inner().to_string()))
+        // Path tracking costs an allocation per key: only when there is an error to word.
+        T::deserialize(&v).or_else(|_| {
+            serde_path_to_error::deserialize(v)
+                .map_err(|e| (e.path().to_string(), e.inner().to_string()))
+        })
     }
     let obj = match kind {
         Kind::Service => typed(v).map(Typed::Service),
@@ -1148,6 +1155,32 @@ mod bench {
             }
         }
         eprintln!("yaml to Value: {:?}", t.elapsed());
+        let values: Vec<Value> = chunks
+            .iter()
+            .map(|c| Value::deserialize(serde_yaml::Deserializer::from_str(c)).unwrap())
+            .collect();
+        let t = std::time::Instant::now();
+        for v in values {
+            parse_value(v, String::new()).unwrap();
+        }
+        eprintln!("Value to typed, validated, spec: {:?}", t.elapsed());
+        let json: Vec<String> = chunks
+            .iter()
+            .map(|c| {
+                Value::deserialize(serde_yaml::Deserializer::from_str(c))
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        for j in &json {
+            let _: Value = serde_json::from_str(j).unwrap();
+        }
+        eprintln!(
+            "JSON text to Value: {:?} ({} bytes)",
+            t.elapsed(),
+            json.iter().map(|j| j.len()).sum::<usize>()
+        );
         let t = std::time::Instant::now();
         let heads: Vec<_> = chunks.iter().map(|c| plain_head(c)).collect();
         eprintln!("heads: {:?}", t.elapsed());
@@ -1166,12 +1199,14 @@ mod bench {
             parse_chunk(c).unwrap();
         }
         eprintln!("parse_chunk (typed, validate, spec): {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let all = parse(&text, "bench").unwrap();
-        eprintln!(
-            "parse (2 threads): {:?} ({} objects)",
-            t.elapsed(),
-            all.len()
-        );
+        for threads in [1, 2, 1, 2] {
+            let t = std::time::Instant::now();
+            let all = parse_with(&text, "bench", threads).unwrap();
+            eprintln!(
+                "parse ({threads} threads): {:?} ({} objects)",
+                t.elapsed(),
+                all.len()
+            );
+        }
     }
 }
