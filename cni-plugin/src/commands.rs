@@ -112,6 +112,7 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
                 .cloned()
                 .unwrap_or_default(),
             pod_name: env.args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
+            network: conf.name.clone(),
         })
         .await
         .map_err(daemon_err("allocating an IP"))?
@@ -356,6 +357,7 @@ pub async fn gc(conf: &NetConf) -> Result<()> {
                     ifname: a.ifname.clone(),
                 })
                 .collect(),
+            network: conf.name.clone(),
         })
         .await
         .map_err(daemon_err("garbage collection"))?

@@ -109,6 +109,10 @@ pub struct Allocation {
     pub attach_mode: String,
     /// Unix seconds of the claim.
     pub created: u64,
+    /// The CNI network (the config's `name`) that made it; "" when recorded before sluice kept
+    /// networks (see `state::gc_plan` for what GC does with those).
+    #[serde(default)]
+    pub network: String,
 }
 
 pub type Key = (String, String);
@@ -316,6 +320,7 @@ mod tests {
             host_ifindex: 0,
             attach_mode: String::new(),
             created: 1,
+            network: String::new(),
         }
     }
 

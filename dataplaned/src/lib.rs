@@ -12,6 +12,7 @@ pub mod nodes;
 pub mod pod;
 pub mod server;
 pub mod services;
+pub mod sources;
 pub mod state;
 
 use std::future::Future;

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::datapath::{reason_name, AttachMode, Datapath};
 use crate::ipam::{Allocation, IpamError};
 use crate::services::{conntrack, objects, ApplyError};
-use crate::state::{ifindex, now_unix, Inner, State};
+use crate::state::{gc_plan, ifindex, now_unix, Inner, State, PENDING_GRACE};
 use crate::POD_GATEWAY;
 
 pub struct Api {
@@ -75,11 +75,16 @@ fn apply_status(e: ApplyError) -> Status {
 }
 
 /// Parses documents on the blocking pool.
-async fn parse(text: String, source: String) -> Result<Vec<objects::Object>, Status> {
+async fn parse(text: String, source: String) -> Result<Vec<objects::Parsed>, Status> {
     tokio::task::spawn_blocking(move || objects::parse(&text, &source))
         .await
         .map_err(|e| Status::internal(format!("worker failed: {e}")))?
         .map_err(|e| apply_status(e.into()))
+}
+
+/// Milliseconds, with microseconds (for the log).
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1e3
 }
 
 fn ipam_status(e: IpamError) -> Status {
@@ -116,6 +121,7 @@ pub fn attachment(a: &Allocation, dp: &Datapath) -> Attachment {
         host_ifindex: idx,
         pod_namespace: a.pod_namespace.clone(),
         pod_name: a.pod_name.clone(),
+        network: a.network.clone(),
         counters: Some(PodCounters {
             rx_packets: c.rx_packets,
             rx_bytes: c.rx_bytes,
@@ -145,6 +151,7 @@ impl Dataplane for Api {
             host_ifindex: 0,
             attach_mode: String::new(),
             created: now_unix(),
+            network: req.network,
         };
         let (a, new, prefix) = self
             .locked(move |s, _dp| {
@@ -232,19 +239,23 @@ impl Dataplane for Api {
     }
 
     async fn gc(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
+        let req = req.into_inner();
         let keep: HashSet<(String, String)> = req
-            .into_inner()
             .valid
             .into_iter()
             .map(|r| (r.container_id, r.ifname))
             .collect();
+        let network = req.network;
         let doomed: Vec<Allocation> = self
             .locked(move |s, _dp| {
-                Ok(s.ipam
-                    .all()
-                    .filter(|a| !keep.contains(&(a.container_id.clone(), a.ifname.clone())))
-                    .cloned()
-                    .collect())
+                let plan = gc_plan(s.ipam.all(), &network, &keep, now_unix(), PENDING_GRACE);
+                for mut a in plan.claim {
+                    tracing::info!(container = %a.container_id, ifname = %a.ifname, network = %network,
+                        "gc: recording the network of an allocation it lists as valid");
+                    a.network = network.clone();
+                    s.ipam.update(a).map_err(ipam_status)?;
+                }
+                Ok(plan.release)
             })
             .await?;
         let mut reply = GcReply::default();
@@ -289,8 +300,15 @@ impl Dataplane for Api {
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let node_name = self.state.node_name.clone();
-        let frontends = self
-            .services(|svc, _dp| Ok(svc.frontend_count() as u32))
+        let (frontends, sources, degraded, kept) = self
+            .services(|svc, _dp| {
+                Ok((
+                    svc.frontend_count() as u32,
+                    svc.sources(),
+                    svc.degraded(),
+                    svc.kept_frontend_count() as u32,
+                ))
+            })
             .await?;
         self.locked(move |s, dp| {
             let mut attachments: Vec<Attachment> =
@@ -330,6 +348,18 @@ impl Dataplane for Api {
                     &dp.maps,
                     dp.maps.conntrack.keys().count() as u64,
                 ))),
+                sources: sources
+                    .into_iter()
+                    .map(|s| SourceStatus {
+                        name: s.name,
+                        loaded: s.loaded,
+                        loaded_once: s.loaded_once,
+                        objects: s.objects as u32,
+                        last_error: s.last_error,
+                    })
+                    .collect(),
+                services_degraded: degraded,
+                kept_frontends: kept,
             }))
         })
         .await
@@ -352,9 +382,15 @@ impl Dataplane for Api {
         let parsed = t.elapsed();
         self.services(move |svc, dp| {
             let t = std::time::Instant::now();
+            let big = objs.len() > 1000;
             let (keys, st) = svc.apply(objs, &dp.maps).map_err(apply_status)?;
-            tracing::info!(objects = keys.len(), writes = st.map_writes(), backends_left = st.backends_left, source = %req.source,
-                parse_ms = parsed.as_millis() as u64, apply_ms = t.elapsed().as_millis() as u64, "apply");
+            if big {
+                crate::services::release_memory();
+            }
+            let tm = svc.last_timings;
+            tracing::info!(objects = keys.len(), writes = st.map_writes(), services = st.services, backends_left = st.backends_left,
+                source = %req.source, parse_ms = ms(parsed), apply_ms = ms(t.elapsed()), model_ms = tm.model_us as f64 / 1e3,
+                plan_ms = tm.plan_us as f64 / 1e3, maps_ms = tm.maps_us as f64 / 1e3, log_ms = tm.log_us as f64 / 1e3, "apply");
             Ok(Response::new(ObjectsReply {
                 objects: keys.iter().map(|k| k.to_string()).collect(),
                 not_found: vec![],
@@ -368,16 +404,25 @@ impl Dataplane for Api {
 
     async fn delete(&self, req: Request<ObjectsRequest>) -> Result<Response<ObjectsReply>, Status> {
         let mut req = req.into_inner();
+        let t = std::time::Instant::now();
         let keys: Vec<objects::ObjectKey> =
             parse(std::mem::take(&mut req.text), req.source.clone())
                 .await?
-                .iter()
-                .map(objects::Object::key)
+                .into_iter()
+                .map(|p| p.key)
                 .collect();
+        let parsed = t.elapsed();
         self.services(move |svc, dp| {
+            let t = std::time::Instant::now();
             let (removed, missing) = svc.delete(&keys, &dp.maps).map_err(apply_status)?;
+            if keys.len() > 1000 {
+                crate::services::release_memory();
+            }
             let st = svc.last_sync;
-            tracing::info!(objects = removed.len(), not_found = missing.len(), source = %req.source, "delete");
+            let tm = svc.last_timings;
+            tracing::info!(objects = removed.len(), not_found = missing.len(), writes = st.map_writes(), services = st.services,
+                source = %req.source, parse_ms = ms(parsed), apply_ms = ms(t.elapsed()), model_ms = tm.model_us as f64 / 1e3,
+                plan_ms = tm.plan_us as f64 / 1e3, maps_ms = tm.maps_us as f64 / 1e3, log_ms = tm.log_us as f64 / 1e3, "delete");
             Ok(Response::new(ObjectsReply {
                 objects: removed.iter().map(|k| k.to_string()).collect(),
                 not_found: missing.iter().map(|k| k.to_string()).collect(),

@@ -14,8 +14,54 @@ use crate::services::conntrack::Timeouts;
 use crate::services::Services;
 use crate::Config;
 
-/// An allocation not attached yet is left alone this long (its ADD may be in flight).
-const PENDING_GRACE: Duration = Duration::from_secs(60);
+/// An allocation not attached yet is left alone this long (its ADD may be in flight), by the
+/// reconciliation and by CNI GC.
+pub const PENDING_GRACE: Duration = Duration::from_secs(60);
+
+/// What a CNI GC of `network` does.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct GcPlan {
+    /// Released (their links deleted).
+    pub release: Vec<Allocation>,
+    /// Recorded without a network and listed valid by this GC: they get its name.
+    pub claim: Vec<Allocation>,
+}
+
+/// A CNI GC of `network` with the runtime's `valid` attachments releases that network's
+/// allocations that are not listed, except those not attached yet and younger than `grace`
+/// (their ADD may be in flight; the spec forbids GC during an ADD of the same network, but
+/// another network's ADD may run, and a runtime may break the rule). Other networks'
+/// allocations are never touched.
+///
+/// Allocations recorded before networks were (network ""): a named GC cannot tell whose they
+/// are, so it releases none of them, and records its name on those it lists as valid (they are
+/// its own); the rest are released when their link goes (periodic reconciliation) or by a GC
+/// without a network name (an older plugin), which collects only those.
+pub fn gc_plan<'a>(
+    allocations: impl IntoIterator<Item = &'a Allocation>,
+    network: &str,
+    valid: &HashSet<(String, String)>,
+    now: u64,
+    grace: Duration,
+) -> GcPlan {
+    let mut plan = GcPlan::default();
+    for a in allocations {
+        let listed = valid.contains(&(a.container_id.clone(), a.ifname.clone()));
+        if a.network != network {
+            if listed && a.network.is_empty() {
+                plan.claim.push(a.clone());
+            }
+            continue;
+        }
+        let in_flight = !a.attached && now.saturating_sub(a.created) < grace.as_secs();
+        if !listed && !in_flight {
+            plan.release.push(a.clone());
+        }
+    }
+    plan.release
+        .sort_by(|a, b| (&a.container_id, &a.ifname).cmp(&(&b.container_id, &b.ifname)));
+    plan
+}
 
 pub struct State {
     pub node_name: String,
@@ -272,5 +318,68 @@ fn release_leaked(ipam: &mut Ipam, datapath: &Datapath, a: &Allocation) {
         Ok(_) => tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip,
             "released an allocation whose interface is gone"),
         Err(e) => tracing::error!(error = %e, "releasing a leaked allocation"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(cid: &str, network: &str, attached: bool, created: u64) -> Allocation {
+        Allocation {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            ip: std::net::Ipv4Addr::UNSPECIFIED,
+            host_ifname: format!("h-{cid}"),
+            netns: String::new(),
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+            attached,
+            host_ifindex: 0,
+            attach_mode: String::new(),
+            created,
+            network: network.into(),
+        }
+    }
+
+    fn ids(v: &[Allocation]) -> Vec<&str> {
+        v.iter().map(|a| a.container_id.as_str()).collect()
+    }
+
+    #[test]
+    fn gc_releases_only_its_own_networks_unlisted_allocations_and_not_adds_in_flight() {
+        let now = 10_000;
+        let all = [
+            alloc("a-listed", "a", true, 1),
+            alloc("a-leaked", "a", true, 1),
+            alloc("a-leaked-young", "a", true, now - 1), // its ADD completed: the runtime says it is not valid
+            alloc("a-in-flight", "a", false, now - 5),
+            alloc("a-failed-add", "a", false, now - 600),
+            alloc("b-unlisted", "b", true, 1),
+            alloc("b-in-flight", "b", false, now),
+            alloc("old-listed", "", true, 1),
+            alloc("old-unlisted", "", true, 1),
+        ];
+        let valid: HashSet<(String, String)> = [("a-listed", "eth0"), ("old-listed", "eth0")]
+            .iter()
+            .map(|(c, i)| (c.to_string(), i.to_string()))
+            .collect();
+        let plan = gc_plan(&all, "a", &valid, now, PENDING_GRACE);
+        assert_eq!(
+            ids(&plan.release),
+            ["a-failed-add", "a-leaked", "a-leaked-young"]
+        );
+        assert_eq!(
+            ids(&plan.claim),
+            ["old-listed"],
+            "an unnamed allocation listed by a: a's"
+        );
+        // A GC without a network (an older plugin) collects only unnamed allocations.
+        let plan = gc_plan(&all, "", &valid, now, PENDING_GRACE);
+        assert_eq!(ids(&plan.release), ["old-unlisted"]);
+        assert!(plan.claim.is_empty());
+        // Network b with nothing listed: its in-flight ADD stays.
+        let plan = gc_plan(&all, "b", &HashSet::new(), now, PENDING_GRACE);
+        assert_eq!(ids(&plan.release), ["b-unlisted"]);
     }
 }

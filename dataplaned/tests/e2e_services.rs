@@ -140,7 +140,8 @@ fn clusterip_udp_request_response() {
             flow["state"].as_str(),
             flow["has_reverse"].as_bool()
         ),
-        (Some("UDP"), Some("udp_replied"), Some(true))
+        (Some("UDP"), Some("udp_replied"), Some(true)),
+        "a UDP flow seen both ways"
     );
     assert_eq!(flow["service"], "demo/dns:p/UDP");
 }
@@ -242,8 +243,8 @@ fn removing_a_backend_moves_new_connections_and_keeps_established_ones() {
     );
 
     // Now the kept backend is replaced by the other one: new connections go to the other, and
-    // the established connection to the removed one keeps going (kube-proxy's rule: endpoint
-    // changes never cut TCP connections; they finish or time out).
+    // the established connection to the removed backend is left to finish (as kube-proxy does:
+    // an endpoint change never cuts TCP flows; a slice move must not break connections).
     node.apply(&service(
         "web",
         "10.96.0.30",
@@ -259,7 +260,7 @@ fn removing_a_backend_moves_new_connections_and_keeps_established_ones() {
     assert_eq!(
         ask(),
         kept_pod.ip,
-        "the connection to a removed backend keeps working"
+        "the established connection to a removed backend keeps going"
     );
 }
 
@@ -470,7 +471,10 @@ fn ten_thousand_services_apply_and_a_lookup_still_succeeds() {
     );
     let out = node.apply(&one).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(text.contains("(3 map writes"), "{text}");
+    assert!(
+        text.contains("(3 map writes"),
+        "its member entry, its slot and its frontend's count: {text}"
+    );
     let st = node.status_json().unwrap();
     assert_eq!(st["frontends"], 10_000);
 }
@@ -572,7 +576,14 @@ fn manifests_directory_is_loaded_at_start_and_on_change() {
     .unwrap();
     node.stop_daemon().unwrap();
     node.start_daemon().unwrap();
-    assert_eq!(tcp_ask_full(&client.ns, "10.96.0.81", 80).unwrap().1, b.ip);
+    // Changed just before the start (maybe still being written): the last good version first,
+    // the file once it held still for a poll.
+    wait_for(
+        "the new manifest to be served",
+        Duration::from_secs(10),
+        || Ok(tcp_ask_full(&client.ns, "10.96.0.81", 80).is_ok_and(|(_, s)| s == b.ip)),
+    )
+    .unwrap();
     let fes: HashMap<String, bool> = node.get_json("services").unwrap()["services"][0]["frontends"]
         .as_array()
         .unwrap()
@@ -684,4 +695,308 @@ except socket.timeout:
         .as_u64()
         .unwrap();
     assert_eq!(n, 1);
+}
+
+/// Whether `vip:80` answers from `backend` within a few seconds.
+fn serves(client: &Pod, vip: &str, backend: &Pod) -> bool {
+    tcp_ask_full(&client.ns, vip, 80).is_ok_and(|(_, b)| b == backend.ip)
+}
+
+/// The status of the source whose name starts with `prefix`.
+fn source(node: &SluiceNode, prefix: &str) -> serde_json::Value {
+    let st = node.status_json().unwrap();
+    st["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"].as_str().unwrap().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no source {prefix}: {st}"))
+        .clone()
+}
+
+fn degraded(node: &SluiceNode) -> bool {
+    node.status_json().unwrap()["services_degraded"]
+        .as_bool()
+        .unwrap()
+}
+
+#[test]
+fn a_restart_with_a_broken_or_unreadable_manifests_directory_keeps_serving_the_last_good_manifests()
+{
+    let dir = TempDir::new("m").unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let mut node = SluiceNode::with_args(&["--manifests", manifests.to_str().unwrap()]).unwrap();
+    let client = node.add_pod().unwrap();
+    let b = node.add_pod().unwrap();
+    let _s = echo_server(&b.ns, 8080).unwrap();
+    let web = service("web", "10.96.2.1", 80, 8080, "TCP", &[ready(&b.ip)], "");
+    let file = manifests.join("web.yaml");
+    std::fs::write(&file, &web).unwrap();
+    wait_for("the manifest to be served", Duration::from_secs(10), || {
+        Ok(serves(&client, "10.96.2.1", &b))
+    })
+    .unwrap();
+    assert!(source(&node, "manifests")["loaded"].as_bool().unwrap());
+    assert!(!degraded(&node));
+
+    // 1. The daemon restarts while the file is being rewritten (half of it written).
+    node.stop_daemon().unwrap();
+    let cut = web.find("namespace: demo").unwrap(); // inside the Service's metadata
+    std::fs::write(&file, &web[..cut]).unwrap();
+    node.start_daemon().unwrap();
+    assert!(
+        serves(&client, "10.96.2.1", &b),
+        "served from the last good copy at once"
+    );
+    assert!(degraded(&node));
+    let status = String::from_utf8(node.sluicectl(&["status"]).unwrap().stdout).unwrap();
+    assert!(status.contains("DEGRADED"), "{status}");
+    // It holds still, broken: read, refused, the last good version stays.
+    std::thread::sleep(Duration::from_millis(2500));
+    let src = source(&node, "manifests");
+    assert!(
+        !src["loaded"].as_bool().unwrap()
+            && src["last_error"].as_str().unwrap().contains("web.yaml"),
+        "{src}"
+    );
+    assert!(serves(&client, "10.96.2.1", &b));
+    assert!(degraded(&node));
+    // Fixed: the source loads completely and the daemon leaves its degraded start.
+    std::fs::write(&file, &web).unwrap();
+    wait_for("the source to load", Duration::from_secs(10), || {
+        Ok(!degraded(&node))
+    })
+    .unwrap();
+    assert!(source(&node, "manifests")["loaded"].as_bool().unwrap());
+
+    // 2. The daemon restarts while the directory cannot be read.
+    node.stop_daemon().unwrap();
+    let away = dir.path().join("away");
+    std::fs::rename(&manifests, &away).unwrap();
+    node.start_daemon().unwrap();
+    assert!(
+        serves(&client, "10.96.2.1", &b),
+        "every last good copy is served"
+    );
+    let src = source(&node, "manifests");
+    assert!(
+        src["last_error"].as_str().unwrap().contains("cannot read"),
+        "{src}"
+    );
+    assert!(degraded(&node));
+    std::fs::rename(&away, &manifests).unwrap();
+    wait_for("the directory to load", Duration::from_secs(10), || {
+        Ok(!degraded(&node))
+    })
+    .unwrap();
+    assert!(serves(&client, "10.96.2.1", &b));
+    // A file removed while the daemon was away takes its Service with it once all loaded.
+    node.stop_daemon().unwrap();
+    std::fs::remove_file(&file).unwrap();
+    node.start_daemon().unwrap();
+    assert!(!degraded(&node));
+    assert!(node.get_json("services").unwrap()["services"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn a_stored_object_that_no_longer_validates_keeps_its_service_until_applied_again() {
+    let mut node = SluiceNode::new().unwrap();
+    let client = node.add_pod().unwrap();
+    let b = node.add_pod().unwrap();
+    let _s = echo_server(&b.ns, 8080).unwrap();
+    let old = service("old", "10.96.3.1", 80, 8080, "TCP", &[ready(&b.ip)], "");
+    node.apply(&old).unwrap();
+    node.apply(&service(
+        "other",
+        "10.96.3.2",
+        80,
+        8080,
+        "TCP",
+        &[ready(&b.ip)],
+        "",
+    ))
+    .unwrap();
+    node.stop_daemon().unwrap();
+    // What a stricter validation in a newer daemon would reject: the stored Service demo/old.
+    {
+        use sluiced::services::objects::{Kind, ObjectKey};
+        use sluiced::sources::applied::{AppliedLog, Entry};
+        let (mut log, objs) = AppliedLog::open(&node.state_dir());
+        assert_eq!(objs.len(), 4);
+        let key = ObjectKey::new(Kind::Service, "demo", "old");
+        log.append(&[Entry::Put {
+            key: &key,
+            raw: "apiVersion: v1\nkind: Service\nmetadata: {name: old, namespace: demo}\nspec: {clusterIP: 10.96.3.1, ports: [{name: p, port: 80, targetPort: 8080}], sessionAffinity: Sticky}\n",
+        }])
+        .unwrap();
+    }
+    node.start_daemon().unwrap();
+    assert!(
+        serves(&client, "10.96.3.1", &b),
+        "what the maps hold for an object that does not load stays"
+    );
+    assert!(serves(&client, "10.96.3.2", &b));
+    let src = source(&node, "applied");
+    assert!(
+        !src["loaded"].as_bool().unwrap()
+            && src["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("Service demo/old")
+            && src["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("sessionAffinity"),
+        "{src}"
+    );
+    let st = node.status_json().unwrap();
+    assert_eq!(
+        (
+            st["services_degraded"].as_bool(),
+            st["kept_frontends"].as_u64()
+        ),
+        (Some(true), Some(1)),
+        "{st}"
+    );
+    assert!(node.daemon_log().contains("degraded start"));
+    // Changes to loaded objects still work while degraded.
+    node.delete(&service("other", "10.96.3.2", 80, 8080, "TCP", &[], ""))
+        .unwrap();
+    assert!(tcp_ask_full(&client.ns, "10.96.3.2", 80).is_err());
+    // Applied again (valid): loaded, no longer degraded, and it is an ordinary object again.
+    node.apply(&old).unwrap();
+    let st = node.status_json().unwrap();
+    assert_eq!(
+        (
+            st["services_degraded"].as_bool(),
+            st["kept_frontends"].as_u64()
+        ),
+        (Some(false), Some(0)),
+        "{st}"
+    );
+    assert!(serves(&client, "10.96.3.1", &b));
+    node.delete(&old).unwrap();
+    assert!(tcp_ask_full(&client.ns, "10.96.3.1", 80).is_err());
+}
+
+/// A conflist for network `name` (sluice alone) in the node's net.d.
+fn network(node: &SluiceNode, name: &str) {
+    let list = serde_json::json!({"cniVersion": "1.0.0", "name": name,
+        "plugins": [{"type": "sluice", "socket": node.socket(), "mtu": 1500}]});
+    std::fs::write(
+        node.netconf_dir().join(format!("20-{name}.conflist")),
+        serde_json::to_vec_pretty(&list).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A pod added to network `net` with cnitool: (its netns, its host-side interface).
+fn pod_in(node: &SluiceNode, net: &str) -> (Netns, String) {
+    let ns = Netns::new("p").unwrap();
+    let out = node
+        .ns
+        .command("cnitool")
+        .args(["add", net])
+        .arg(ns.path())
+        .env(
+            "CNI_PATH",
+            format!("{}:/usr/lib/cni", plugin_dir().display()),
+        )
+        .env("NETCONFPATH", node.netconf_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cnitool add {net}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let host_if = v["interfaces"][0]["name"].as_str().unwrap().to_string();
+    (ns, host_if)
+}
+
+fn link_exists(node: &SluiceNode, name: &str) -> bool {
+    node.ns
+        .command("ip")
+        .args(["link", "show", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn cni_gc_releases_only_its_networks_allocations_and_not_an_add_in_flight() {
+    let node = SluiceNode::new().unwrap();
+    let (neta, netb) = (unique("na"), unique("nb"));
+    network(&node, &neta);
+    network(&node, &netb);
+    let (_pa, a_if) = pod_in(&node, &neta);
+    let (_pb, b_if) = pod_in(&node, &netb);
+    // An ADD of network a in flight: its IP allocated, its programs not attached yet.
+    let in_flight = unique("if");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut c = sluice_core::client::connect(&node.socket(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        c.allocate(sluice_core::proto::AllocateRequest {
+            r#ref: Some(sluice_core::proto::AttachmentRef {
+                container_id: in_flight.clone(),
+                ifname: "eth0".into(),
+            }),
+            netns: "/run/netns/none".into(),
+            host_ifname: "slinflight0".into(),
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+            network: neta.clone(),
+        })
+        .await
+        .unwrap();
+    });
+    // The runtime collects network a and lists nothing as valid.
+    let mut conf = node.plugin_conf("1.1.0");
+    conf["name"] = neta.clone().into();
+    conf["cni.dev/valid-attachments"] = serde_json::json!([]);
+    let out = node.plugin(&[("CNI_COMMAND", "GC")], &conf);
+    assert!(
+        out.status.success(),
+        "GC: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let atts: Vec<(String, String, bool)> = node.status_json().unwrap()["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["network"].as_str().unwrap().to_string(),
+                a["host_ifname"].as_str().unwrap().to_string(),
+                a["attached"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        !atts.iter().any(|(_, h, _)| *h == a_if),
+        "network a's pod released: {atts:?}"
+    );
+    assert!(!link_exists(&node, &a_if), "and its link deleted");
+    assert!(
+        atts.contains(&(netb.clone(), b_if.clone(), true)) && link_exists(&node, &b_if),
+        "network b's pod untouched: {atts:?}"
+    );
+    assert!(
+        atts.contains(&(neta.clone(), "slinflight0".into(), false)),
+        "the ADD in flight untouched: {atts:?}"
+    );
 }

@@ -137,16 +137,22 @@ async fn objects(
                     println!("{}", serde_json::to_string_pretty(&r)?);
                     continue;
                 }
+                // Tens of thousands of lines: one buffered write, not one per line.
+                use std::io::Write;
+                let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+                let verb = if delete { "deleted" } else { "applied" };
                 for o in &r.objects {
-                    println!("{o} {}", if delete { "deleted" } else { "applied" });
+                    writeln!(w, "{o} {verb}")?;
                 }
                 for o in &r.not_found {
-                    println!("{o} not found");
+                    writeln!(w, "{o} not found")?;
                 }
-                println!(
+                writeln!(
+                    w,
                     "({} map writes, {} backends left their sets)",
                     r.map_writes, r.backends_left
-                );
+                )?;
+                w.flush()?;
             }
             Err(s) => {
                 eprintln!("sluicectl: {}", s.message());
@@ -325,6 +331,27 @@ async fn status(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()
     );
     if let Some(o) = &s.conntrack {
         print_occupancy(o);
+    }
+    println!("\nservice object sources:");
+    for src in &s.sources {
+        let state = match (src.loaded, src.loaded_once) {
+            (true, _) => "loaded",
+            (false, true) => "loaded, last change failed",
+            (false, false) => "DEGRADED (not loaded yet)",
+        };
+        println!(
+            "  {:<40} {:<28} {:>6} objects",
+            src.name, state, src.objects
+        );
+        if !src.last_error.is_empty() {
+            println!("    last error: {}", src.last_error);
+        }
+    }
+    if s.services_degraded {
+        println!(
+            "  degraded start: the maps keep what no loaded object explains ({} frontends) until every source has loaded",
+            s.kept_frontends
+        );
     }
     println!("\nprograms:");
     for p in &s.programs {

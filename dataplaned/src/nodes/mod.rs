@@ -15,6 +15,7 @@ use sluice_core::bpf::pod_veth::types;
 use crate::datapath::Maps;
 use crate::ipam::Cidr;
 use crate::pod::{as_bytes, from_bytes};
+use crate::services::objects::NodeSpec;
 
 /// The interfaces external frontends are served on, and this node's addresses on them.
 #[derive(Debug, Clone, Serialize)]
@@ -99,43 +100,22 @@ pub struct Peer {
 
 /// Node objects → (this node's pod CIDR if its object names one, the other nodes). A node without
 /// an IPv4 InternalIP cannot be reached and is left out (logged).
-pub fn peers_of(
-    nodes: &[k8s_openapi::api::core::v1::Node],
-    me: &str,
-) -> (Option<String>, Vec<Peer>) {
+pub fn peers_of(nodes: &[(String, NodeSpec)], me: &str) -> (Option<String>, Vec<Peer>) {
     let mut own = None;
     let mut peers = Vec::new();
-    for n in nodes {
-        let name = n.metadata.name.clone().unwrap_or_default();
-        let spec = n.spec.clone().unwrap_or_default();
-        let cidrs: Vec<String> = spec
-            .pod_cidrs
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .chain(spec.pod_cidr.clone())
-            .fold(Vec::new(), |mut v, c| {
-                if !v.contains(&c) {
-                    v.push(c);
-                }
-                v
-            });
+    for (name, n) in nodes {
+        let cidrs: Vec<String> = n.pod_cidrs.iter().map(|c| c.to_string()).collect();
         if name == me {
             own = cidrs.iter().find(|c| c.parse::<Cidr>().is_ok()).cloned();
             continue;
         }
-        let addr = n
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .and_then(|a| {
-                a.iter()
-                    .filter(|a| a.type_ == "InternalIP")
-                    .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
-            });
+        let addr = n.internal_ips.iter().find_map(|a| match a {
+            std::net::IpAddr::V4(v4) => Some(*v4),
+            _ => None,
+        });
         match addr {
             Some(addr) => peers.push(Peer {
-                name,
+                name: name.clone(),
                 addr,
                 pod_cidrs: cidrs,
             }),

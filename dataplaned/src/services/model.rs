@@ -1,6 +1,13 @@
-//! Objects → desired dataplane state. Pure: no maps, no I/O, so every rule is unit-tested.
+//! The model: the objects in effect, keyed by Service (and by EndpointSlice within it), and for
+//! each Service the dataplane state it wants. Pure: no maps, no I/O, so every rule is unit-tested.
 //!
-//! A Service port becomes a backend set (its ready endpoints, with the port resolved through the
+//! Incremental: [`Model::apply`] takes the objects that changed and returns the Services they
+//! touch (a slice → its Service, before and after a label change; a Service → itself, and any
+//! Service whose frontend it takes or gives back); only those are recomputed
+//! ([`Model::desired`]) and diffed by the writer. Slices may come before their Service or outlive
+//! it; nothing is recomputed for the others.
+//!
+//! A Service port becomes a backend set (its endpoints, with the port resolved through the
 //! EndpointSlices) and one frontend per IPv4 cluster IP. Rules (kube-proxy's):
 //! - ExternalName and headless (clusterIP None) Services get no frontend; IPv6 is not handled yet.
 //! - New flows go to endpoints that are ready (`ready` unset = true), terminating or not; when none
@@ -10,50 +17,57 @@
 //!   datapath re-checks them; see writer.rs).
 //! - The backend port: the slice port with the Service port's name (Kubernetes names slice ports
 //!   that way), else one named like a string targetPort, else a numeric targetPort, else the port.
+//! - An endpoint listed in several slices counts once, with its most usable listing.
 //! - sessionAffinity ClientIP: timeoutSeconds, default 10800.
+//! - Two Services claiming one frontend (address, port, protocol; Kubernetes never allocates
+//!   that, a hand-written file may): the Service first in namespace/name order gets it, the other
+//!   is told in the log; when the first lets go, the other gets it.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use super::objects::SERVICE_NAME_LABEL;
+pub use super::objects::Proto;
+use super::objects::{
+    AddressType, Kind, ObjectKey, ServicePort, ServiceSpec, SliceSpec, Spec, TargetPort,
+};
+use super::{FastMap, FastSet};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub enum Proto {
-    Tcp,
-    Udp,
+/// A Service: namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
-impl Proto {
-    pub fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => 6,
-            Proto::Udp => 17,
+impl ServiceKey {
+    pub fn new(namespace: &str, name: &str) -> ServiceKey {
+        ServiceKey {
+            namespace: namespace.into(),
+            name: name.into(),
         }
     }
-    pub fn from_number(n: u8) -> Option<Proto> {
-        match n {
-            6 => Some(Proto::Tcp),
-            17 => Some(Proto::Udp),
-            _ => None,
-        }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
     }
-    fn parse(s: Option<&str>) -> Option<Proto> {
-        match s.unwrap_or("TCP") {
-            "TCP" => Some(Proto::Tcp),
-            "UDP" => Some(Proto::Udp),
-            _ => None, // SCTP: not handled by the datapath yet
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "TCP",
-            Proto::Udp => "UDP",
-        }
+}
+
+/// A Service port: its name (its number when unnamed) and protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub name: Arc<str>,
+    pub proto: Proto,
+}
+
+impl fmt::Display for PortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.name, self.proto.name())
     }
 }
 
@@ -64,37 +78,19 @@ pub struct Backend {
     pub port: u16,
 }
 
-/// Identity of a backend set: one Service port.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct SetKey {
-    pub namespace: String,
-    pub service: String,
-    /// The Service port's name, or its number when unnamed.
-    pub port: String,
-    pub proto: Proto,
-}
-
-impl std::fmt::Display for SetKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}/{}:{}/{}",
-            self.namespace,
-            self.service,
-            self.port,
-            self.proto.name()
-        )
-    }
-}
-
 /// One endpoint as listed (for `sluicectl get endpoints`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EndpointState {
     pub backend: Backend,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node: Option<String>,
+    #[serde(serialize_with = "node_name")]
+    pub node: Option<Arc<str>>,
+}
+
+fn node_name<S: serde::Serializer>(n: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(n.as_deref().unwrap_or_default())
 }
 
 impl EndpointState {
@@ -109,13 +105,12 @@ impl EndpointState {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendSet {
     /// Receive new flows (sorted, distinct): the ready endpoints, or if there are none the
     /// serving+terminating ones.
     pub ready: Vec<Backend>,
-    /// Keep their existing flows: every listed endpoint.
-    pub present: BTreeSet<Backend>,
+    /// Every listed endpoint (sorted by backend), usable or not.
     pub endpoints: Vec<EndpointState>,
 }
 
@@ -127,216 +122,390 @@ pub struct FrontendKey {
     pub proto: Proto,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.vip, self.port, self.proto.name())
+    }
+}
+
+/// What kind of address a frontend is (only ClusterIPs so far; NodePort, LoadBalancer and
+/// external IPs come with the multi-node work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum FrontendKind {
+    ClusterIp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrontendSpec {
-    pub set: SetKey,
+    pub key: FrontendKey,
+    pub kind: FrontendKind,
     /// sessionAffinity ClientIP timeout in seconds.
     pub affinity_timeout: Option<u32>,
 }
 
+/// What one Service port wants in the dataplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortDesired {
+    pub port: PortKey,
+    /// Every usable endpoint (the cluster set).
+    pub cluster: BackendSet,
+    /// The frontends this Service holds (a frontend another Service holds is left out).
+    pub frontends: Vec<FrontendSpec>,
+}
+
+/// What one Service wants; no ports: nothing (deleted, headless, ExternalName...).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Desired {
-    pub sets: BTreeMap<SetKey, BackendSet>,
-    pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
+pub struct ServiceDesired {
+    pub ports: Vec<PortDesired>,
 }
 
-impl Desired {
-    pub fn vips(&self) -> BTreeSet<Ipv4Addr> {
-        self.frontends.keys().map(|k| k.vip).collect()
-    }
+/// An object that changed in effect: what it was and what it is (None: absent).
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub key: ObjectKey,
+    pub old: Option<Arc<Spec>>,
+    pub new: Option<Arc<Spec>>,
 }
 
-pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+#[derive(Debug, Default)]
+struct ServiceEntry {
+    spec: Option<Arc<Spec>>,
+    /// Sorted by slice name (a Service has a few).
+    slices: Vec<(Arc<str>, Arc<Spec>)>,
+    /// The frontends this Service asked for when last recomputed.
+    claimed: Vec<FrontendKey>,
+}
 
-pub fn desired<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
-) -> Desired {
-    // Slices by (namespace, service name).
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let ns = s
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        by_service.entry((ns, svc.clone())).or_default().push(s);
-    }
-
-    let mut out = Desired::default();
-    for svc in services {
-        let Some(spec) = &svc.spec else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
+impl ServiceEntry {
+    fn service(&self) -> Option<&ServiceSpec> {
+        match self.spec.as_deref() {
+            Some(Spec::Service(s)) => Some(s),
+            _ => None,
         }
-        let ns = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let vips: BTreeSet<Ipv4Addr> = spec
-            .cluster_ips
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Model {
+    services: FastMap<ServiceKey, ServiceEntry>,
+    /// Who asks for each frontend, sorted: the first holds it.
+    claims: FastMap<FrontendKey, Vec<ServiceKey>>,
+    /// Node objects (routes and node addresses will come from them).
+    nodes: BTreeMap<String, Arc<Spec>>,
+}
+
+fn slice_of(spec: &Option<Arc<Spec>>) -> Option<&SliceSpec> {
+    match spec.as_deref() {
+        Some(Spec::EndpointSlice(s)) => Some(s),
+        _ => None,
+    }
+}
+
+impl Model {
+    /// The Node objects in effect, by name.
+    pub fn nodes(&self) -> Vec<(String, super::objects::NodeSpec)> {
+        self.nodes
             .iter()
-            .flatten()
-            .chain(spec.cluster_ip.iter())
-            .filter_map(|ip| ip.parse::<Ipv4Addr>().ok())
-            .collect();
-        if vips.is_empty() {
-            continue; // headless, or IPv6 only
+            .filter_map(|(name, spec)| match &**spec {
+                Spec::Node(n) => Some((name.clone(), n.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Applies changed objects; returns the Services whose desired state may differ (sorted).
+    pub fn apply(&mut self, changes: &[Change]) -> Vec<ServiceKey> {
+        let mut touched: FastSet<ServiceKey> = FastSet::default();
+        for c in changes {
+            match c.key.kind {
+                Kind::Service => {
+                    let key = ServiceKey {
+                        namespace: c.key.namespace.clone(),
+                        name: c.key.name.clone(),
+                    };
+                    self.services.entry(key.clone()).or_default().spec = c.new.clone();
+                    touched.insert(key);
+                }
+                Kind::EndpointSlice => {
+                    let name = &c.key.name;
+                    if let Some(old) = slice_of(&c.old) {
+                        let key = ServiceKey {
+                            namespace: c.key.namespace.clone(),
+                            name: old.service.clone(),
+                        };
+                        if let Some(e) = self.services.get_mut(&key) {
+                            e.slices.retain(|(n, _)| n != name);
+                        }
+                        touched.insert(key);
+                    }
+                    if let (Some(new), Some(spec)) = (slice_of(&c.new), &c.new) {
+                        let key = ServiceKey {
+                            namespace: c.key.namespace.clone(),
+                            name: new.service.clone(),
+                        };
+                        let slices = &mut self.services.entry(key.clone()).or_default().slices;
+                        match slices.binary_search_by(|(n, _)| n.cmp(name)) {
+                            Ok(i) => slices[i].1 = spec.clone(),
+                            Err(i) => slices.insert(i, (name.clone(), spec.clone())),
+                        }
+                        touched.insert(key);
+                    }
+                }
+                Kind::Node => match &c.new {
+                    Some(n) => {
+                        self.nodes.insert(c.key.name.to_string(), n.clone());
+                    }
+                    None => {
+                        self.nodes.remove(&*c.key.name);
+                    }
+                },
+            }
         }
-        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .map(|t| t as u32)
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-        });
-        let slices = by_service
-            .get(&(ns.clone(), name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        for sp in spec.ports.iter().flatten() {
-            let Some(proto) = Proto::parse(sp.protocol.as_deref()) else {
-                tracing::warn!(service = %format!("{ns}/{name}"), port = sp.port, "SCTP ports are not handled; skipped");
+        // Frontend claims follow the Services' specs; a change of holder touches both.
+        let mut also = Vec::new();
+        for key in &touched {
+            let want = self
+                .services
+                .get(key)
+                .and_then(ServiceEntry::service)
+                .map(frontend_keys)
+                .unwrap_or_default();
+            let Some(entry) = self.services.get_mut(key) else {
                 continue;
             };
-            let port_name = sp.name.clone().unwrap_or_default();
-            let set = SetKey {
-                namespace: ns.clone(),
-                service: name.clone(),
-                port: if port_name.is_empty() {
-                    sp.port.to_string()
-                } else {
-                    port_name.clone()
-                },
-                proto,
-            };
-            let mut endpoints = BTreeMap::new();
-            for slice in slices {
-                if slice.address_type != "IPv4" {
-                    continue;
-                }
-                let Some(port) =
-                    backend_port(slice, &port_name, proto, sp.target_port.as_ref(), sp.port)
-                else {
-                    continue;
-                };
-                for ep in &slice.endpoints {
-                    let c = ep.conditions.clone().unwrap_or_default();
-                    let ready = c.ready.unwrap_or(true);
-                    let state = EndpointState {
-                        backend: Backend {
-                            ip: Ipv4Addr::UNSPECIFIED,
-                            port,
-                        },
-                        ready,
-                        serving: c.serving.unwrap_or(true),
-                        terminating: c.terminating.unwrap_or(false),
-                        node: ep.node_name.clone(),
-                    };
-                    for a in &ep.addresses {
-                        let Ok(ip) = a.parse() else { continue };
-                        let b = Backend { ip, port };
-                        // Listed twice (two slices)? The more usable listing wins.
-                        let e = endpoints.entry(b).or_insert(EndpointState {
-                            backend: b,
-                            ..state.clone()
-                        });
-                        if (state.usable() && !e.usable())
-                            || (state.fallback() && !e.usable() && !e.fallback())
-                        {
-                            *e = EndpointState {
-                                backend: b,
-                                ..state.clone()
-                            };
-                        }
+            if entry.claimed == want {
+                continue; // the common case: a slice changed, the Service's frontends did not
+            }
+            let had = std::mem::replace(&mut entry.claimed, want.clone());
+            for fk in had.iter().filter(|k| !want.contains(k)) {
+                if let Some(v) = self.claims.get_mut(fk) {
+                    let was_first = v.first() == Some(key);
+                    v.retain(|s| s != key);
+                    if was_first {
+                        also.extend(v.first().cloned());
+                    }
+                    if v.is_empty() {
+                        self.claims.remove(fk);
                     }
                 }
             }
-            let endpoints: Vec<EndpointState> = endpoints.into_values().collect();
-            let any_ready = endpoints.iter().any(EndpointState::usable);
-            let backend_set = BackendSet {
-                ready: endpoints
-                    .iter()
-                    .filter(|e| if any_ready { e.usable() } else { e.fallback() })
-                    .map(|e| e.backend)
-                    .collect(),
-                present: endpoints.iter().map(|e| e.backend).collect(),
-                endpoints,
-            };
-            let Ok(port) = u16::try_from(sp.port) else {
-                continue;
-            };
-            for vip in &vips {
-                out.frontends.insert(
-                    FrontendKey {
-                        vip: *vip,
-                        port,
-                        proto,
-                    },
-                    FrontendSpec {
-                        set: set.clone(),
-                        affinity_timeout: affinity,
-                    },
-                );
+            for fk in want.iter().filter(|k| !had.contains(k)) {
+                let v = self.claims.entry(*fk).or_default();
+                let pos = v.binary_search(key).unwrap_or_else(|p| p);
+                v.insert(pos, key.clone());
+                if v.len() > 1 {
+                    let holder = &v[0];
+                    if pos == 0 {
+                        also.push(v[1].clone());
+                    }
+                    tracing::warn!(frontend = %fk, service = %key, holder = %holder,
+                        "two Services claim one frontend: the first in namespace/name order holds it");
+                }
             }
-            out.sets.insert(set, backend_set);
+        }
+        touched.extend(also);
+        // Forget Services with nothing left (their desired state is empty: the writer clears them).
+        for key in &touched {
+            if self
+                .services
+                .get(key)
+                .is_some_and(|e| e.spec.is_none() && e.slices.is_empty())
+            {
+                self.services.remove(key);
+            }
+        }
+        let mut out: Vec<ServiceKey> = touched.into_iter().collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Every Service known (with a spec or only slices so far).
+    pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.values().filter(|e| e.spec.is_some()).count()
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn holds(&self, fk: &FrontendKey, key: &ServiceKey) -> bool {
+        self.claims.get(fk).and_then(|v| v.first()) == Some(key)
+    }
+
+    /// What a Service wants in the dataplane now.
+    pub fn desired(&self, key: &ServiceKey) -> ServiceDesired {
+        let Some(entry) = self.services.get(key) else {
+            return ServiceDesired::default();
+        };
+        let Some(spec) = entry.service() else {
+            return ServiceDesired::default();
+        };
+        if spec.cluster_ips.is_empty() {
+            return ServiceDesired::default(); // headless, ExternalName or IPv6 only
+        }
+        let slices: Vec<&SliceSpec> = entry
+            .slices
+            .iter()
+            .filter_map(|(_, s)| match &**s {
+                Spec::EndpointSlice(s) if s.address_type == AddressType::Ipv4 => Some(s),
+                _ => None,
+            })
+            .collect();
+        let ports = spec
+            .ports
+            .iter()
+            .map(|sp| PortDesired {
+                port: PortKey {
+                    name: sp.id.clone(),
+                    proto: sp.proto,
+                },
+                cluster: backend_set(&slices, sp),
+                frontends: spec
+                    .cluster_ips
+                    .iter()
+                    .map(|vip| FrontendKey {
+                        vip: *vip,
+                        port: sp.port,
+                        proto: sp.proto,
+                    })
+                    .filter(|fk| self.holds(fk, key))
+                    .map(|fk| FrontendSpec {
+                        key: fk,
+                        kind: FrontendKind::ClusterIp,
+                        affinity_timeout: spec.affinity_timeout,
+                    })
+                    .collect(),
+            })
+            .collect();
+        ServiceDesired { ports }
+    }
+}
+
+/// The frontends a Service asks for.
+fn frontend_keys(spec: &ServiceSpec) -> Vec<FrontendKey> {
+    let mut out = Vec::new();
+    for sp in &spec.ports {
+        for vip in &spec.cluster_ips {
+            out.push(FrontendKey {
+                vip: *vip,
+                port: sp.port,
+                proto: sp.proto,
+            });
         }
     }
     out
 }
 
-fn backend_port(
-    slice: &EndpointSlice,
-    port_name: &str,
-    proto: Proto,
-    target: Option<&IntOrString>,
-    port: i32,
-) -> Option<u16> {
-    let ports = slice.ports.as_deref().unwrap_or(&[]);
-    let find = |name: &str| {
-        ports
+fn backend_set(slices: &[&SliceSpec], sp: &ServicePort) -> BackendSet {
+    let mut endpoints: Vec<EndpointState> = Vec::new();
+    for slice in slices {
+        let Some(port) = backend_port(slice, sp) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            for a in &ep.addresses {
+                let IpAddr::V4(ip) = a else { continue };
+                endpoints.push(EndpointState {
+                    backend: Backend { ip: *ip, port },
+                    ready: ep.ready,
+                    serving: ep.serving,
+                    terminating: ep.terminating,
+                    node: ep.node.clone(),
+                });
+            }
+        }
+    }
+    // Listed twice (two slices)? The more usable listing wins (stable: the first of equals).
+    let rank = |e: &EndpointState| {
+        if e.usable() {
+            0
+        } else if e.fallback() {
+            1
+        } else {
+            2
+        }
+    };
+    endpoints.sort_by_key(|e| (e.backend, rank(e)));
+    endpoints.dedup_by_key(|e| e.backend);
+    let any_ready = endpoints.iter().any(EndpointState::usable);
+    BackendSet {
+        ready: endpoints
             .iter()
-            .find(|p| {
-                p.name.as_deref().unwrap_or("") == name
-                    && Proto::parse(p.protocol.as_deref()) == Some(proto)
-            })
+            .filter(|e| if any_ready { e.usable() } else { e.fallback() })
+            .map(|e| e.backend)
+            .collect(),
+        endpoints,
+    }
+}
+
+fn backend_port(slice: &SliceSpec, sp: &ServicePort) -> Option<u16> {
+    let find = |name: &str| {
+        slice
+            .ports
+            .iter()
+            .find(|p| &*p.name == name && p.proto == Some(sp.proto))
             .and_then(|p| p.port)
     };
-    let resolved = find(port_name).or_else(|| match target {
-        Some(IntOrString::String(n)) => find(n).or_else(|| n.parse().ok()),
-        Some(IntOrString::Int(n)) => Some(*n),
-        None => Some(port),
-    });
-    resolved
-        .and_then(|p| u16::try_from(p).ok())
+    find(&sp.name)
+        .or_else(|| match &sp.target {
+            TargetPort::Name(n) => find(n).or_else(|| n.parse().ok()),
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Unset => Some(sp.port),
+        })
         .filter(|p| *p != 0)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::objects::parse;
+pub mod testing {
+    //! Building a model from YAML, as the store would feed it.
     use super::*;
+    use crate::services::objects::parse;
 
-    fn desired_of(yaml: &str) -> Desired {
-        crate::services::desired_of(&parse(yaml, "t").unwrap())
+    /// Every object of `yaml` as a change from nothing.
+    pub fn changes(yaml: &str) -> Vec<Change> {
+        parse(yaml, "t")
+            .unwrap()
+            .into_iter()
+            .map(|p| Change {
+                key: p.key,
+                old: None,
+                new: Some(Arc::new(p.spec)),
+            })
+            .collect()
     }
+
+    pub fn model_of(yaml: &str) -> Model {
+        let mut m = Model::default();
+        m.apply(&changes(yaml));
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
 
     fn b(ip: &str, port: u16) -> Backend {
         Backend {
             ip: ip.parse().unwrap(),
             port,
         }
+    }
+
+    fn web() -> ServiceKey {
+        ServiceKey::new("default", "web")
+    }
+
+    fn port<'a>(d: &'a ServiceDesired, name: &str, proto: Proto) -> &'a PortDesired {
+        d.ports
+            .iter()
+            .find(|p| &*p.port.name == name && p.port.proto == proto)
+            .unwrap_or_else(|| panic!("no port {name}/{proto:?} in {d:?}"))
     }
 
     const SVC: &str = r#"
@@ -381,12 +550,13 @@ endpoints:
 
     #[test]
     fn frontends_per_ipv4_cluster_ip_and_port() {
-        let d = desired_of(SVC);
-        let fes: Vec<String> = d
-            .frontends
-            .keys()
-            .map(|k| format!("{}:{}/{}", k.vip, k.port, k.proto.name()))
+        let d = model_of(SVC).desired(&web());
+        let mut fes: Vec<String> = d
+            .ports
+            .iter()
+            .flat_map(|p| p.frontends.iter().map(|f| f.key.to_string()))
             .collect();
+        fes.sort();
         assert_eq!(
             fes,
             [
@@ -399,15 +569,10 @@ endpoints:
 
     #[test]
     fn endpoint_conditions_split_new_flows_from_kept_flows() {
-        let d = desired_of(SVC);
-        let http = &d.sets[&SetKey {
-            namespace: "default".into(),
-            service: "web".into(),
-            port: "http".into(),
-            proto: Proto::Tcp,
-        }];
+        let d = model_of(SVC).desired(&web());
+        let http = port(&d, "http", Proto::Tcp);
         assert_eq!(
-            http.ready,
+            http.cluster.ready,
             vec![
                 b("10.244.0.5", 8080),
                 b("10.244.0.6", 8080),
@@ -415,39 +580,125 @@ endpoints:
             ]
         );
         assert_eq!(
-            http.present.len(),
+            http.cluster.endpoints.len(),
             5,
-            "terminating and not-ready endpoints keep their flows"
+            "terminating and not-ready endpoints are listed"
+        );
+    }
+
+    /// One Service with one slice whose endpoints carry the given conditions (YAML flow maps).
+    fn one_slice(conditions: &[(&str, &str)]) -> ServiceDesired {
+        let eps: String = conditions
+            .iter()
+            .map(|(ip, c)| format!("- {{addresses: [{ip}], conditions: {c}}}\n"))
+            .collect();
+        model_of(&format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80, targetPort: 8080}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints:\n{eps}")).desired(&web())
+    }
+
+    fn ready_ips(d: &ServiceDesired) -> Vec<String> {
+        d.ports[0]
+            .cluster
+            .ready
+            .iter()
+            .map(|b| b.ip.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn ready_and_terminating_endpoints_get_new_flows() {
+        // A publishNotReadyAddresses Service whose pod is being deleted: ready and terminating.
+        let d = one_slice(&[
+            (
+                "10.0.0.1",
+                "{ready: true, serving: true, terminating: true}",
+            ),
+            ("10.0.0.2", "{ready: true}"),
+            (
+                "10.0.0.3",
+                "{ready: false, serving: true, terminating: true}",
+            ),
+        ]);
+        assert_eq!(
+            ready_ips(&d),
+            ["10.0.0.1", "10.0.0.2"],
+            "ready counts, terminating or not; serving+terminating only as a fallback"
         );
     }
 
     #[test]
-    fn target_ports_resolve_by_slice_port_name_number_and_default() {
-        let d = desired_of(SVC);
-        let set = |port: &str, proto| {
-            &d.sets[&SetKey {
-                namespace: "default".into(),
-                service: "web".into(),
-                port: port.into(),
-                proto,
-            }]
-        };
+    fn all_terminating_falls_back_to_serving_and_terminating_endpoints() {
+        // A one-replica rolling update: the old pod terminates before the new one is ready.
+        let d = one_slice(&[
+            (
+                "10.0.0.1",
+                "{ready: false, serving: true, terminating: true}",
+            ),
+            (
+                "10.0.0.2",
+                "{ready: false, serving: false, terminating: true}",
+            ),
+            ("10.0.0.3", "{ready: false}"),
+        ]);
         assert_eq!(
-            set("http", Proto::Tcp).ready[0].port,
+            ready_ips(&d),
+            ["10.0.0.1"],
+            "only serving+terminating endpoints take new flows when none is ready"
+        );
+        let d = one_slice(&[(
+            "10.0.0.2",
+            "{ready: false, serving: false, terminating: true}",
+        )]);
+        assert!(ready_ips(&d).is_empty(), "not serving: rejected");
+    }
+
+    #[test]
+    fn unset_conditions_read_as_ready_serving_not_terminating() {
+        let d = one_slice(&[("10.0.0.1", "{}")]);
+        assert_eq!(ready_ips(&d), ["10.0.0.1"], "ready unset = ready");
+        // serving unset = true: a not-ready terminating endpoint with serving unset is a fallback.
+        let d = one_slice(&[("10.0.0.1", "{ready: false, terminating: true}")]);
+        assert_eq!(ready_ips(&d), ["10.0.0.1"], "serving unset = serving");
+        // terminating unset = false: a not-ready, serving endpoint is not a fallback.
+        let d = one_slice(&[("10.0.0.1", "{ready: false, serving: true}")]);
+        assert!(
+            ready_ips(&d).is_empty(),
+            "terminating unset = not terminating"
+        );
+        let e = &d.ports[0].cluster.endpoints[0];
+        assert_eq!((e.ready, e.serving, e.terminating), (false, true, false));
+    }
+
+    #[test]
+    fn an_endpoint_in_two_slices_counts_once_with_its_most_usable_listing() {
+        let m = model_of(&format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80, targetPort: 8080}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: a, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.0.0.1], conditions: {{ready: false}}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: b, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.0.0.1]}}]\n"));
+        let d = m.desired(&web());
+        assert_eq!(d.ports[0].cluster.endpoints.len(), 1);
+        assert_eq!(ready_ips(&d), ["10.0.0.1"]);
+    }
+
+    #[test]
+    fn target_ports_resolve_by_slice_port_name_number_and_default() {
+        let d = model_of(SVC).desired(&web());
+        assert_eq!(
+            port(&d, "http", Proto::Tcp).cluster.ready[0].port,
             8080,
             "named targetPort via the slice port named like the service port"
         );
-        assert_eq!(set("dns", Proto::Udp).ready[0].port, 5353);
+        assert_eq!(port(&d, "dns", Proto::Udp).cluster.ready[0].port, 5353);
         assert_eq!(
-            set("metrics", Proto::Tcp).ready[0].port,
+            port(&d, "metrics", Proto::Tcp).cluster.ready[0].port,
             9100,
             "numeric targetPort when the slice has no such port"
+        );
+        assert!(
+            !d.ports.iter().any(|p| &*p.port.name == "sctp"),
+            "SCTP is skipped"
         );
     }
 
     #[test]
     fn target_port_name_resolves_through_a_slice_port_of_that_name() {
-        let d = desired_of(
+        let m = model_of(
             r#"
 apiVersion: v1
 kind: Service
@@ -462,15 +713,17 @@ ports: [{name: web, port: 3000}]
 endpoints: [{addresses: [10.244.0.9]}]
 "#,
         );
+        let d = m.desired(&ServiceKey::new("default", "a"));
+        assert_eq!(d.ports[0].cluster.ready, vec![b("10.244.0.9", 3000)]);
         assert_eq!(
-            d.sets.values().next().unwrap().ready,
-            vec![b("10.244.0.9", 3000)]
+            &*d.ports[0].port.name, "80",
+            "an unnamed port is named by its number"
         );
     }
 
     #[test]
     fn headless_external_name_and_unlinked_slices_get_nothing() {
-        let d = desired_of(
+        let m = model_of(
             r#"
 apiVersion: v1
 kind: Service
@@ -494,27 +747,115 @@ addressType: IPv4
 endpoints: [{addresses: [10.244.0.9]}]
 "#,
         );
-        assert_eq!(d.frontends.len(), 1, "only 'empty' has a frontend");
-        let set = d.sets.values().next().unwrap();
+        let d = |n: &str| m.desired(&ServiceKey::new("default", n));
+        assert!(d("headless").ports.is_empty() && d("ext").ports.is_empty());
+        let empty = d("empty");
+        assert_eq!(empty.ports[0].frontends.len(), 1);
         assert!(
-            set.ready.is_empty(),
+            empty.ports[0].cluster.ready.is_empty(),
             "a slice in another namespace does not count"
         );
     }
 
     #[test]
     fn affinity_default_and_explicit_timeout() {
-        let d = desired_of("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, ports: [{port: 80}]}\n");
+        let aff = |spec: &str| {
+            model_of(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{clusterIP: 10.96.0.1, {spec}ports: [{{port: 80}}]}}\n"
+            ))
+            .desired(&ServiceKey::new("default", "a"))
+            .ports[0]
+                .frontends[0]
+                .affinity_timeout
+        };
+        assert_eq!(aff("sessionAffinity: ClientIP, "), Some(10800));
+        assert_eq!(aff("sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}, "), Some(30));
+        assert_eq!(aff(""), None);
+    }
+
+    #[test]
+    fn a_slice_change_touches_only_its_service_and_slices_may_come_first() {
+        let mut m = Model::default();
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}]\n";
+        assert_eq!(m.apply(&changes(slice)), [ServiceKey::new("default", "a")]);
+        assert!(m.desired(&ServiceKey::new("default", "a")).ports.is_empty());
+        let svcs: String = (0..50).map(|i| format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.96.1.{i}, ports: [{{port: 80}}]}}\n")).collect();
+        m.apply(&changes(&svcs));
+        let touched = m.apply(&changes(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n",
+        ));
+        assert_eq!(touched, [ServiceKey::new("default", "a")]);
         assert_eq!(
-            d.frontends.values().next().unwrap().affinity_timeout,
-            Some(10800)
+            ready_ips(&m.desired(&ServiceKey::new("default", "a"))),
+            ["10.0.0.1"],
+            "the slice that came first counts"
         );
-        let d = desired_of("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}, ports: [{port: 80}]}\n");
+    }
+
+    #[test]
+    fn a_slice_moving_to_another_service_touches_both() {
+        let mut m = model_of(&format!("{}---\n{}", "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n", "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n"));
+        let to = |svc: &str| {
+            changes(&format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.0.0.1]}}]\n")).remove(0)
+        };
+        m.apply(&[to("a")]);
+        let mut moved = to("b");
+        moved.old = to("a").new;
+        let touched = m.apply(&[moved]);
         assert_eq!(
-            d.frontends.values().next().unwrap().affinity_timeout,
-            Some(30)
+            touched,
+            [
+                ServiceKey::new("default", "a"),
+                ServiceKey::new("default", "b")
+            ]
         );
-        let d = desired_of("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n");
-        assert_eq!(d.frontends.values().next().unwrap().affinity_timeout, None);
+        assert!(ready_ips(&m.desired(&ServiceKey::new("default", "a"))).is_empty());
+        assert_eq!(
+            ready_ips(&m.desired(&ServiceKey::new("default", "b"))),
+            ["10.0.0.1"]
+        );
+    }
+
+    #[test]
+    fn two_services_on_one_frontend_the_first_holds_it_until_it_lets_go() {
+        let svc = |name: &str, vip: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {vip}, ports: [{{port: 80}}]}}\n")
+        };
+        let mut m = model_of(&svc("b", "10.96.0.1"));
+        let touched = m.apply(&changes(&svc("a", "10.96.0.1")));
+        assert_eq!(
+            touched,
+            [
+                ServiceKey::new("default", "a"),
+                ServiceKey::new("default", "b")
+            ],
+            "the holder changes: both are recomputed"
+        );
+        let fes = |m: &Model, n: &str| {
+            m.desired(&ServiceKey::new("default", n)).ports[0]
+                .frontends
+                .len()
+        };
+        assert_eq!((fes(&m, "a"), fes(&m, "b")), (1, 0));
+        let touched = m.apply(&changes(&svc("a", "10.96.0.2")));
+        assert_eq!(touched.len(), 2);
+        assert_eq!((fes(&m, "a"), fes(&m, "b")), (1, 1), "b gets it back");
+    }
+
+    #[test]
+    fn a_deleted_service_and_its_slices_leave_nothing() {
+        let mut m = model_of(SVC);
+        let gone: Vec<Change> = changes(SVC)
+            .into_iter()
+            .map(|c| Change {
+                key: c.key,
+                old: c.new,
+                new: None,
+            })
+            .collect();
+        assert_eq!(m.apply(&gone), [web()]);
+        assert!(m.desired(&web()).ports.is_empty());
+        assert_eq!(m.services().count(), 0);
+        assert!(m.claims.is_empty());
     }
 }
