@@ -514,7 +514,11 @@ impl Datapath {
             libbpf_sys::BPF_TCX_EGRESS
         };
         // Re-adopt: a pinned link still on this interface gets the new program in one step.
-        if let Ok(link) = libbpf_rs::Link::open(&pin) {
+        if let Some(link) = pin
+            .exists()
+            .then(|| libbpf_rs::Link::open(&pin).ok())
+            .flatten()
+        {
             let same_if = matches!(LinkInfo::from_fd(link.as_fd()).map(|i| i.info),
                 Ok(LinkTypeInfo::Tcx(t)) if t.ifindex == ifindex && t.attach_type.clone() as u32 == attach_type);
             if same_if {

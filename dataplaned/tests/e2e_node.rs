@@ -57,7 +57,7 @@ fn pods_reach_each_other_and_the_node_and_counters_count() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["from_pod", "to_pod"]);
+    assert_eq!(names, ["from_pod", "to_pod", "from_net", "to_net"]);
     // The table form shows the same.
     let table = String::from_utf8(node.sluicectl(&["status"]).unwrap().stdout).unwrap();
     assert!(
