@@ -449,6 +449,12 @@ fn captured(c: &Cluster, f: impl FnOnce() -> Result<()>) -> Result<(Vec<Seen>, V
 }
 
 /// The per-service counters `sluicectl get services -o json` reports for demo/`name`.
+/// A per-service counter of a `get services` entry (local, forwarded, decapsulated, packets).
+fn counter(v: &Value, k: &str) -> Result<u64> {
+    v[k].as_u64()
+        .ok_or_else(|| anyhow!("no counter {k:?} in get services: {v}"))
+}
+
 fn svc_view(n: &MNode, name: &str) -> Result<Value> {
     let v = n.get_json("services")?;
     v["services"]
@@ -575,9 +581,17 @@ fn dsr_cluster_pods_nodeports_lb_mtu() {
                 "B tunnelled packets back to A in DSR mode"
             );
             let after = (svc_view(&c.a, "np-remote")?, svc_view(&c.b, "np-remote")?);
-            eprintln!(
-                "    counters np-remote: A {} -> {}\n                        B {} -> {}",
-                before.0, after.0, before.1, after.1
+            let delta = |b: &Value, a: &Value, k: &str| -> Result<u64> {
+                Ok(counter(a, k)?.saturating_sub(counter(b, k)?))
+            };
+            let (fwd_a, decap_b) = (
+                delta(&before.0, &after.0, "forwarded")?,
+                delta(&before.1, &after.1, "decapsulated")?,
+            );
+            eprintln!("    get services np-remote: A forwarded +{fwd_a}, B decapsulated +{decap_b}");
+            ensure!(
+                fwd_a > 0 && decap_b > 0,
+                "sluicectl get services: A's forwarded (+{fwd_a}) and B's decapsulated (+{decap_b}) counters should both grow"
             );
             Ok(())
         },
