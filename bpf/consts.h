@@ -11,6 +11,7 @@
 #define MAX_PODS          16384
 #define MAX_FRAGMENTS     8192
 #define MAX_NODES         4096
+#define POD_SIBLINGS_MAX  7      /* other sluice interfaces of one pod its source check follows */
 
 /*
  * The enums below type struct fields in types.h, so they reach BTF and the Rust skeleton: userspace
@@ -127,8 +128,8 @@ enum reason {
 	REASON_DROP_CT_COLLISION = 38, /* reply tuple taken and no free translated port found: the
 					* client's retry tries again */
 	REASON_DROP_SPOOFED      = 39, /* a pod sent with a source address that is not its own */
-	REASON_DROP_NO_LOCAL     = 40, /* external flow, externalTrafficPolicy Local, no endpoint here
-					* (or an ingress node's request with none) */
+	REASON_DROP_NO_LOCAL     = 40, /* traffic policy Local (external or internal), no endpoint
+					* here (or an ingress node's request with none) */
 	REASON_DROP_NO_NODE      = 41, /* remote backend whose node address is unknown */
 	REASON_DROP_ENCAP        = 42, /* encapsulation or decapsulation failed */
 	REASON_DROP_TOO_BIG      = 43, /* too big once encapsulated, and no ICMP could be built */

@@ -42,7 +42,7 @@ int from_pod(struct __sk_buff *skb)
 	reason = parse_packet(skb, &pkt);
 	if (reason != CONTINUE)
 		return finish(skb, &pkt, reason);
-	if (!pod_source_ok(pod, &pkt))
+	if (!pod_source_ok(pod, &pkt, skb->ifindex))
 		return finish(skb, &pkt, REASON_DROP_SPOOFED);
 	if (pkt.frag == FRAG_LATER)
 		return finish(skb, &pkt, later_fragment(skb, &pkt));

@@ -143,7 +143,10 @@ struct pod_info {
 	__u64  tx_packets;      /* host: sent by the pod */
 	__u64  tx_bytes;        /* host */
 	__be32 addr;            /* net: the pod's IPv4 address on this veth; 0 = not checked */
-	__u32  flags;           /* host: reserved */
+	__u32  sibling;         /* host: ifindex of the next host veth of the same pod (a ring over
+				 * its sluice interfaces, whose addresses it may also send from:
+				 * the kernel answers on one interface for an address of another);
+				 * 0 = none */
 };
 
 /* sl_scratch_v1 value: per-CPU room for what does not fit the 512 bytes of stack a program's call

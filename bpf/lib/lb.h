@@ -268,7 +268,11 @@ SL_GLOBAL int lb_forward(struct __sk_buff *skb, struct packet *pkt,
 		struct backend_value be = {};
 
 		if (set.count == 0)
-			return reject_port_unreachable(skb, pkt);
+			/* internalTrafficPolicy Local with endpoints elsewhere only: dropped, as
+			 * kube-proxy does; no endpoints at all: refused. */
+			return set.id != fe->cluster_id && fe->cluster_count
+				       ? REASON_DROP_NO_LOCAL
+				       : reject_port_unreachable(skb, pkt);
 		reason = lb_pick(fe, set, pkt, now, &be);
 		if (reason >= REASON_FIRST_DROP)
 			return reason;

@@ -24,11 +24,27 @@ static __always_inline struct pod_info *pod_account(struct __sk_buff *skb, int t
 	return p;
 }
 
-/* A pod may only send from its own address: a forged source could plant or hijack another pod's
+/* A pod may only send from its own addresses (this interface's, or one of its other sluice
+ * interfaces' along the sibling ring): a forged source could plant or hijack another pod's
  * conntrack entries (and its replies). */
-static __always_inline int pod_source_ok(const struct pod_info *p, const struct packet *pkt)
+static __always_inline int pod_source_ok(const struct pod_info *p, const struct packet *pkt,
+					 __u32 self)
 {
-	return !p || !p->addr || p->addr == pkt->saddr;
+	__u32 idx, i;
+
+	if (!p || !p->addr || p->addr == pkt->saddr)
+		return 1;
+	idx = p->sibling;
+	for (i = 0; i < POD_SIBLINGS_MAX && idx && idx != self; i++) {
+		const struct pod_info *s = bpf_map_lookup_elem(&sl_pod_v2, &idx);
+
+		if (!s)
+			return 0;
+		if (s->addr == pkt->saddr)
+			return 1;
+		idx = s->sibling;
+	}
+	return 0;
 }
 
 #endif

@@ -500,6 +500,33 @@ impl Datapath {
         Ok(())
     }
 
+    /// Sets the next interface of the pod's ring of sluice interfaces (0: none) in every CPU's
+    /// copy of its entry, keeping the counters.
+    pub fn set_pod_sibling(&self, ifindex: u32, sibling: u32) -> Result<()> {
+        let Some(mut per_cpu) = self
+            .maps
+            .pods
+            .lookup_percpu(as_bytes(&ifindex), MapFlags::ANY)?
+        else {
+            return Ok(()); // not attached (any more)
+        };
+        if per_cpu
+            .iter()
+            .all(|v| from_bytes::<types::pod_info>(v).sibling == sibling)
+        {
+            return Ok(());
+        }
+        for v in &mut per_cpu {
+            let mut p: types::pod_info = from_bytes(v);
+            p.sibling = sibling;
+            *v = as_bytes(&p).to_vec();
+        }
+        self.maps
+            .pods
+            .update_percpu(as_bytes(&ifindex), &per_cpu, MapFlags::EXIST)?;
+        Ok(())
+    }
+
     fn attach_tcx(
         &self,
         prog: BorrowedFd<'_>,

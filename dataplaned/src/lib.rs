@@ -77,7 +77,7 @@ pub async fn run(
 
     let state = Arc::new(state::State::open(&config).context("starting the dataplane")?);
     state.reconcile_at_start().await;
-    state.sync_nodes().await;
+    state.objects_changed(true).await;
     tracing::info!(node = %config.node_name, pod_cidr = %state.pod_cidr(), node_ip = %state.uplinks.node_ip,
         mode = state.attach_mode().name(), socket = %config.socket.display(), "sluiced ready");
 
@@ -128,7 +128,7 @@ pub async fn run(
                     }
                 })
                 .await;
-                state.sync_nodes().await;
+                state.objects_changed(true).await;
             }
         }));
     }

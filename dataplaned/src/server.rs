@@ -201,7 +201,10 @@ impl Dataplane for Api {
             a.attached = true;
             a.host_ifindex = idx;
             a.attach_mode = dp.mode().name().to_string();
-            s.ipam.update(a).map_err(ipam_status)
+            let cid = a.container_id.clone();
+            s.ipam.update(a).map_err(ipam_status)?;
+            crate::state::link_pod_interfaces(&s.ipam, dp, &cid);
+            Ok(())
         })
         .await?;
         Ok(Response::new(AttachReply {}))
@@ -217,6 +220,7 @@ impl Dataplane for Api {
                 let Some(a) = s.ipam.get(&r.container_id, &r.ifname).cloned() else { return Ok(false) };
                 dp.detach(&a.host_ifname, a.host_ifindex, AttachMode::from_name(&a.attach_mode));
                 s.ipam.release(&r.container_id, &r.ifname).map_err(ipam_status)?;
+                crate::state::link_pod_interfaces(&s.ipam, dp, &a.container_id);
                 tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip, "release");
                 Ok(true)
             })
@@ -300,6 +304,41 @@ impl Dataplane for Api {
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let node_name = self.state.node_name.clone();
+        let (peers, routed, pending) = self.state.node_view().await;
+        let up = &self.state.uplinks;
+        let network = NodeNetwork {
+            node_ip: up.node_ip.to_string(),
+            lb_mode: match self.state.lb_mode {
+                crate::datapath::LbMode::Dsr => "dsr",
+                crate::datapath::LbMode::Tunnel => "tunnel",
+            }
+            .to_string(),
+            uplinks: up.ifaces.iter().map(|(n, _)| n.clone()).collect(),
+            node_addrs: up.addrs.iter().map(|a| a.to_string()).collect(),
+            peers: peers
+                .into_iter()
+                .map(|p| PeerNode {
+                    name: p.name,
+                    internal_ip: p.addr.to_string(),
+                    pod_cidrs: p.pod_cidrs,
+                })
+                .collect(),
+            routes: routed
+                .into_iter()
+                .map(|(c, via)| NodeRoute {
+                    cidr: c.to_string(),
+                    via: via.to_string(),
+                })
+                .collect(),
+            pod_cidr_pending: pending.unwrap_or_default(),
+            health_check_ports: self
+                .state
+                .health
+                .ports()
+                .into_iter()
+                .map(u32::from)
+                .collect(),
+        };
         let (frontends, sources, degraded, kept) = self
             .services(|svc, _dp| {
                 Ok((
@@ -329,6 +368,7 @@ impl Dataplane for Api {
             Ok(Response::new(StatusReply {
                 ready: true,
                 node_name,
+                network: Some(network),
                 pod_cidr: s.ipam.cidr().to_string(),
                 attach_mode: dp.mode().name().to_string(),
                 attachments,
@@ -380,7 +420,8 @@ impl Dataplane for Api {
         let t = std::time::Instant::now();
         let objs = parse(std::mem::take(&mut req.text), req.source.clone()).await?;
         let parsed = t.elapsed();
-        self.services(move |svc, dp| {
+        let nodes = objs.iter().any(|o| o.key.kind == objects::Kind::Node);
+        let reply = self.services(move |svc, dp| {
             let t = std::time::Instant::now();
             let big = objs.len() > 1000;
             let (keys, st) = svc.apply(objs, &dp.maps).map_err(apply_status)?;
@@ -399,7 +440,9 @@ impl Dataplane for Api {
                 backends_left: st.backends_left as u32,
             }))
         })
-        .await
+        .await;
+        self.state.objects_changed(nodes).await;
+        reply
     }
 
     async fn delete(&self, req: Request<ObjectsRequest>) -> Result<Response<ObjectsReply>, Status> {
@@ -412,7 +455,8 @@ impl Dataplane for Api {
                 .map(|p| p.key)
                 .collect();
         let parsed = t.elapsed();
-        self.services(move |svc, dp| {
+        let nodes = keys.iter().any(|k| k.kind == objects::Kind::Node);
+        let reply = self.services(move |svc, dp| {
             let t = std::time::Instant::now();
             let (removed, missing) = svc.delete(&keys, &dp.maps).map_err(apply_status)?;
             if keys.len() > 1000 {
@@ -431,7 +475,9 @@ impl Dataplane for Api {
                 backends_left: st.backends_left as u32,
             }))
         })
-        .await
+        .await;
+        self.state.objects_changed(nodes).await;
+        reply
     }
 
     async fn list_services(
@@ -461,10 +507,27 @@ impl Dataplane for Api {
                             terminating: e.terminating,
                             node: e.node,
                             slot: e.slot.map(i64::from).unwrap_or(-1),
+                            local: e.local,
+                            node_ip: e.node_ip,
                         })
                         .collect(),
                     packets: v.packets,
                     bytes: v.bytes,
+                    frontend_views: v
+                        .frontend_views
+                        .into_iter()
+                        .map(|(address, kind, local_only)| FrontendView {
+                            address,
+                            kind: kind.to_string(),
+                            local_only,
+                        })
+                        .collect(),
+                    local: v.local,
+                    forwarded: v.forwarded,
+                    decapsulated: v.decapsulated,
+                    external_policy: v.external_policy.to_string(),
+                    internal_policy: v.internal_policy.to_string(),
+                    local_slots: v.local_slots,
                 })
                 .collect();
             Ok(Response::new(ServiceList { services }))

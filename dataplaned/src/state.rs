@@ -1,7 +1,7 @@
 //! The daemon's state: the IPAM store and the datapath, and the rules that keep them in step with
 //! the links that exist (start-up re-adoption, periodic reconciliation, GC).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -65,6 +65,7 @@ pub fn gc_plan<'a>(
 
 pub struct State {
     pub node_name: String,
+    pub lb_mode: crate::datapath::LbMode,
     /// The interfaces external frontends are served on, this node's addresses.
     pub uplinks: Uplinks,
     /// The node-address map and routes to other nodes' pod CIDRs (async: netlink).
@@ -76,6 +77,8 @@ pub struct State {
     inner: Mutex<Inner>,
     /// Services have their own lock: a large apply never holds up a pod's ADD or DEL.
     services: Mutex<Services>,
+    /// Health-check node ports of externalTrafficPolicy: Local Services.
+    pub health: crate::services::health::HealthServers,
 }
 
 /// What the nodes room keeps between syncs.
@@ -91,6 +94,28 @@ pub struct NodeState {
 /// What the IPAM lock guards: the allocation records (the datapath attachments follow them).
 pub struct Inner {
     pub ipam: Ipam,
+}
+
+/// Links a pod's attached sluice interfaces into a ring (their sources are all the pod's): the
+/// kernel may answer on one interface for an address on another (a second CNI_IFNAME).
+pub fn link_pod_interfaces(ipam: &Ipam, datapath: &Datapath, container_id: &str) {
+    let mut ifs: Vec<u32> = ipam
+        .all()
+        .filter(|a| a.container_id == container_id && a.attached && a.host_ifindex != 0)
+        .map(|a| a.host_ifindex)
+        .collect();
+    ifs.sort_unstable();
+    ifs.dedup();
+    for (i, idx) in ifs.iter().enumerate() {
+        let next = if ifs.len() > 1 {
+            ifs[(i + 1) % ifs.len()]
+        } else {
+            0
+        };
+        if let Err(e) = datapath.set_pod_sibling(*idx, next) {
+            tracing::error!(error = %format!("{e:#}"), container = container_id, "linking a pod's interfaces");
+        }
+    }
 }
 
 pub fn now_unix() -> u64 {
@@ -131,6 +156,10 @@ impl State {
                 frontends: config.map_sizes.frontends,
                 backends: config.map_sizes.backends,
             },
+            crate::services::LocalNode {
+                name: config.node_name.clone(),
+                pod_cidr: Some((config.pod_cidr.network, config.pod_cidr.prefix)),
+            },
         )
         .context("loading services")?;
         // This node's Node object names its pod CIDR: it wins over --pod-cidr (as the cluster's
@@ -151,6 +180,7 @@ impl State {
         let node_map = NodeMap::load(&datapath.maps).context("reading the node map")?;
         Ok(State {
             node_name: config.node_name.clone(),
+            lb_mode: config.lb_mode,
             uplinks,
             nodes: tokio::sync::Mutex::new(NodeState {
                 map: node_map,
@@ -163,6 +193,7 @@ impl State {
             ct_timeouts: config.ct_timeouts,
             inner: Mutex::new(Inner { ipam }),
             services: Mutex::new(services),
+            health: Default::default(),
         })
     }
 
@@ -180,6 +211,15 @@ impl State {
 
     pub fn pod_cidr(&self) -> Cidr {
         self.lock().ipam.cidr()
+    }
+
+    /// After objects changed (any source): nodes when Node objects did, health-check ports.
+    pub async fn objects_changed(&self, nodes: bool) {
+        if nodes {
+            self.sync_nodes().await;
+        }
+        let want = self.services().health_checks();
+        self.health.sync(want);
     }
 
     /// Brings the node map and the routes to other nodes' pod CIDRs in line with the Node
@@ -279,6 +319,10 @@ impl State {
                 }
                 None => {}
             }
+        }
+        let containers: BTreeSet<String> = ipam.all().map(|a| a.container_id.clone()).collect();
+        for c in &containers {
+            link_pod_interfaces(ipam, datapath, c);
         }
         let known: HashSet<String> = ipam.all().map(|a| a.host_ifname.clone()).collect();
         for name in datapath.pinned_link_ifnames() {

@@ -184,7 +184,7 @@ async fn services(
     }
     if endpoints {
         println!(
-            "{:<32} {:<22} {:<6} {:<8} {:<12} {:<5}",
+            "{:<32} {:<22} {:<6} {:<8} {:<12} {:<5} NODE",
             "SERVICE", "ENDPOINT", "READY", "SERVING", "TERMINATING", "SLOT"
         );
         for s in &list.services {
@@ -195,25 +195,45 @@ async fn services(
                 } else {
                     e.slot.to_string()
                 };
+                let node = match (e.local, e.node.as_str(), e.node_ip.as_str()) {
+                    (true, _, _) => "(this node)".to_string(),
+                    (false, "", "") => "? (node unknown)".to_string(),
+                    (false, n, "") => format!("{n} (address unknown)"),
+                    (false, "", a) => a.to_string(),
+                    (false, n, a) => format!("{n} {a}"),
+                };
                 println!(
-                    "{:<32} {:<22} {:<6} {:<8} {:<12} {:<5}",
+                    "{:<32} {:<22} {:<6} {:<8} {:<12} {:<5} {}",
                     name,
                     format!("{}:{}", e.ip, e.port),
                     e.ready,
                     e.serving,
                     e.terminating,
-                    slot
+                    slot,
+                    node
                 );
             }
         }
         return Ok(());
     }
     println!(
-        "{:<32} {:<22} {:>6} {:>9} {:>12}  BACKENDS",
-        "SERVICE", "FRONTEND", "ID", "PACKETS", "BYTES"
+        "{:<32} {:<22} {:<12} {:<8} {:>6} {:>9} {:>12}  BACKENDS",
+        "SERVICE", "FRONTEND", "KIND", "POLICY", "ID", "PACKETS", "BYTES"
     );
     for s in &list.services {
         let name = format!("{}/{}:{}/{}", s.namespace, s.name, s.port, s.protocol);
+        // One line per frontend, its kind and the policy that governs its new flows.
+        let fronts: Vec<(String, String, &str)> = if s.frontend_views.is_empty() {
+            vec![("-".into(), "-".into(), "-")]
+        } else {
+            s.frontend_views
+                .iter()
+                .map(|f| {
+                    let policy = if f.local_only { "Local" } else { "Cluster" };
+                    (f.address.clone(), f.kind.clone(), policy)
+                })
+                .collect()
+        };
         let backends: Vec<String> = s
             .endpoints
             .iter()
@@ -225,27 +245,55 @@ async fn services(
                 } else {
                     " (not ready)"
                 };
-                format!("{}:{}{state}", e.ip, e.port)
+                let here = if e.local { "*" } else { "" };
+                format!("{}:{}{here}{state}", e.ip, e.port)
             })
             .collect();
-        let mut line = format!(
-            "{:<32} {:<22} {:>6} {:>9} {:>12}  {}",
-            name,
-            s.frontends.join(","),
-            s.svc_id,
-            s.packets,
-            s.bytes,
-            if backends.is_empty() {
-                "<none: rejected>".to_string()
-            } else {
-                backends.join(", ")
+        for (i, (addr, kind, policy)) in fronts.iter().enumerate() {
+            let mut line = format!(
+                "{:<32} {:<22} {:<12} {:<8} {:>6} {:>9} {:>12}  ",
+                if i == 0 { name.as_str() } else { "" },
+                addr,
+                kind,
+                policy,
+                if i == 0 {
+                    s.svc_id.to_string()
+                } else {
+                    String::new()
+                },
+                if i == 0 {
+                    s.packets.to_string()
+                } else {
+                    String::new()
+                },
+                if i == 0 {
+                    s.bytes.to_string()
+                } else {
+                    String::new()
+                },
+            );
+            if i == 0 {
+                line.push_str(&if backends.is_empty() {
+                    "<none: rejected>".to_string()
+                } else {
+                    backends.join(", ")
+                });
+                if s.affinity_timeout > 0 {
+                    line.push_str(&format!("  [affinity ClientIP {}s]", s.affinity_timeout));
+                }
             }
-        );
-        if s.affinity_timeout > 0 {
-            line.push_str(&format!("  [affinity ClientIP {}s]", s.affinity_timeout));
+            println!("{}", line.trim_end());
         }
-        println!("{line}");
+        if s.local + s.forwarded + s.decapsulated > 0
+            || s.frontend_views.iter().any(|f| f.kind != "ClusterIP")
+        {
+            println!(
+                "{:<32} external: {} delivered here, {} forwarded to other nodes, {} decapsulated from other nodes; {} local endpoint(s)",
+                "", s.local, s.forwarded, s.decapsulated, s.local_slots
+            );
+        }
     }
+    println!("(* = endpoint on this node)");
     Ok(())
 }
 
@@ -352,6 +400,38 @@ async fn status(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()
             "  degraded start: the maps keep what no loaded object explains ({} frontends) until every source has loaded",
             s.kept_frontends
         );
+    }
+    if let Some(n) = &s.network {
+        println!(
+            "\nnetwork: node address {}, --lb-mode {}, uplinks [{}] (NodePorts on {})",
+            n.node_ip,
+            n.lb_mode,
+            n.uplinks.join(", "),
+            n.node_addrs.join(", ")
+        );
+        if !n.pod_cidr_pending.is_empty() {
+            println!(
+                "  this node's Node object names pod CIDR {}: takes effect at restart",
+                n.pod_cidr_pending
+            );
+        }
+        println!("  nodes ({}):", n.peers.len());
+        for p in &n.peers {
+            println!(
+                "    {:<24} {:<16} pods {}",
+                p.name,
+                p.internal_ip,
+                p.pod_cidrs.join(", ")
+            );
+        }
+        println!("  routes ({}):", n.routes.len());
+        for r in &n.routes {
+            println!("    {:<20} via {}", r.cidr, r.via);
+        }
+        if !n.health_check_ports.is_empty() {
+            let ports: Vec<String> = n.health_check_ports.iter().map(|p| p.to_string()).collect();
+            println!("  health-check node ports: {}", ports.join(", "));
+        }
     }
     println!("\nprograms:");
     for p in &s.programs {

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use sluice_core::bpf::pod_veth::types;
 
-use super::model::{Backend, FrontendKey, Proto};
-use super::writer::{FrontendValue, ServiceMaps};
+use super::model::{Backend, FrontendKey, Placement, Proto};
+use super::writer::{FrontendValue, ServiceMaps, Slot};
 use crate::datapath::Maps;
 use crate::pod::{as_bytes, from_bytes};
 
@@ -163,11 +163,20 @@ impl ServiceMaps for BpfServiceMaps<'_> {
             .collect())
     }
 
-    fn slots(&self) -> Result<Vec<(u32, u32, Backend)>> {
+    fn slots(&self) -> Result<Vec<(u32, u32, Slot)>> {
         Ok(
             dump::<types::backend_key, types::backend_value>(&self.maps.backends)?
                 .into_iter()
-                .map(|(k, v)| (k.set_id, k.slot, backend_of(v.addr, v.port)))
+                .map(|(k, v)| {
+                    let slot = Slot {
+                        backend: backend_of(v.addr, v.port),
+                        at: Placement {
+                            local: v.flags & types::backend_flags::BE_F_LOCAL.0 as u16 != 0,
+                            node: Ipv4Addr::from(u32::from_be(v.node)),
+                        },
+                    };
+                    (k.set_id, k.slot, slot)
+                })
                 .collect(),
         )
     }
@@ -213,7 +222,7 @@ impl ServiceMaps for BpfServiceMaps<'_> {
         delete_all(&self.maps.vips, "VIP", &keys)
     }
 
-    fn put_slots(&mut self, e: &[(u32, u32, Backend)]) -> Result<()> {
+    fn put_slots(&mut self, e: &[(u32, u32, Slot)]) -> Result<()> {
         let keys: Vec<types::backend_key> = e
             .iter()
             .map(|(set_id, slot, _)| types::backend_key {
@@ -223,11 +232,15 @@ impl ServiceMaps for BpfServiceMaps<'_> {
             .collect();
         let values: Vec<types::backend_value> = e
             .iter()
-            .map(|(_, _, b)| types::backend_value {
-                addr: u32::from(b.ip).to_be(),
-                port: b.port.to_be(),
-                flags: 0,
-                node: 0,
+            .map(|(_, _, s)| types::backend_value {
+                addr: u32::from(s.backend.ip).to_be(),
+                port: s.backend.port.to_be(),
+                flags: if s.at.local {
+                    types::backend_flags::BE_F_LOCAL.0 as u16
+                } else {
+                    0
+                },
+                node: u32::from(s.at.node).to_be(),
             })
             .collect();
         update_all(&self.maps.backends, "backend slot", &keys, &values)

@@ -13,6 +13,7 @@
 
 pub mod bpf_maps;
 pub mod conntrack;
+pub mod health;
 pub mod model;
 pub mod objects;
 pub mod store;
@@ -131,6 +132,8 @@ pub struct EndpointView {
     pub node: String,
     /// The slot new flows reach it through; None: no new flows.
     pub slot: Option<u32>,
+    pub local: bool,
+    pub node_ip: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -145,6 +148,22 @@ pub struct ServiceView {
     pub endpoints: Vec<EndpointView>,
     pub packets: u64,
     pub bytes: u64,
+    /// (address, kind, local only) of each frontend.
+    pub frontend_views: Vec<(String, &'static str, bool)>,
+    pub local: u64,
+    pub forwarded: u64,
+    pub decapsulated: u64,
+    pub external_policy: &'static str,
+    pub internal_policy: &'static str,
+    pub local_slots: u32,
+}
+
+/// This node as the model places endpoints: its name, and --pod-cidr (its Node object's podCIDR
+/// wins when it has one).
+#[derive(Debug, Clone, Default)]
+pub struct LocalNode {
+    pub name: String,
+    pub pod_cidr: Option<(std::net::Ipv4Addr, u8)>,
 }
 
 pub struct Services {
@@ -157,9 +176,19 @@ pub struct Services {
     dirty: BTreeSet<ServiceKey>,
     /// Every source has loaded once and what no object explains was deleted.
     pruned: bool,
+    /// Health-check node ports by Service, kept with each sync of the Services it touches.
+    health: BTreeMap<ServiceKey, (u16, usize)>,
     pub last_sync: SyncStats,
     /// Where the last change's time went.
     pub last_timings: Timings,
+}
+
+fn policy(local: bool) -> &'static str {
+    if local {
+        "Local"
+    } else {
+        "Cluster"
+    }
 }
 
 /// Where a change's time went (microseconds), for the log.
@@ -246,6 +275,7 @@ impl Services {
         manifests: Option<&Path>,
         maps: &Maps,
         limits: Limits,
+        local: LocalNode,
     ) -> Result<Services> {
         // Each thread that allocates gets a glibc arena that keeps what it freed: with the API's
         // blocking pool and the parser threads, many idle copies of a large apply's buffers
@@ -288,10 +318,11 @@ impl Services {
             store,
             applied,
             manifests,
-            model: Model::default(),
+            model: Model::for_node(&local.name, local.pod_cidr),
             writer,
             dirty: BTreeSet::new(),
             pruned: false,
+            health: BTreeMap::new(),
             last_sync: SyncStats::default(),
             last_timings: Timings::default(),
         };
@@ -342,6 +373,12 @@ impl Services {
     /// Syncs the touched Services (and any dirty ones); on failure they are dirty.
     fn sync(&mut self, touched: Vec<ServiceKey>, maps: &Maps) -> Result<SyncStats, SyncError> {
         let batch = self.batch(touched);
+        for (k, _) in &batch {
+            match self.model.health_of(k) {
+                Some(h) => self.health.insert(k.clone(), h),
+                None => self.health.remove(k),
+            };
+        }
         match self.writer.sync(&batch, &mut BpfServiceMaps { maps }) {
             Ok(st) => {
                 self.dirty.clear();
@@ -597,7 +634,7 @@ impl Services {
                     slots
                         .iter()
                         .enumerate()
-                        .map(|(i, b)| (*b, i as u32))
+                        .map(|(i, s)| (s.backend, i as u32))
                         .collect()
                 } else {
                     FastMap::default()
@@ -606,7 +643,7 @@ impl Services {
                     if slots.len() > 16 {
                         index.get(b).copied()
                     } else {
-                        slots.iter().position(|s| s == b).map(|i| i as u32)
+                        slots.iter().position(|s| s.backend == *b).map(|i| i as u32)
                     }
                 };
                 let c = id
@@ -636,12 +673,56 @@ impl Services {
                             terminating: e.terminating,
                             node: e.node.as_deref().unwrap_or_default().to_string(),
                             slot: slot_of(&e.backend),
+                            local: p.placement_of(&e.backend).local,
+                            node_ip: Some(p.placement_of(&e.backend).node)
+                                .filter(|a| !a.is_unspecified())
+                                .map(|a| a.to_string())
+                                .unwrap_or_default(),
                         })
                         .collect(),
                     packets: c.packets,
                     bytes: c.bytes,
+                    frontend_views: p
+                        .frontends
+                        .iter()
+                        .map(|f| {
+                            let addr = if f.key.vip.is_unspecified() {
+                                format!("*:{}", f.key.port)
+                            } else {
+                                format!("{}:{}", f.key.vip, f.key.port)
+                            };
+                            (addr, f.kind.name(), f.local_only)
+                        })
+                        .collect(),
+                    local: c.local,
+                    forwarded: c.forwarded,
+                    decapsulated: c.decapsulated,
+                    external_policy: policy(
+                        p.frontends
+                            .iter()
+                            .any(|f| f.kind.external() && f.local_only),
+                    ),
+                    internal_policy: policy(
+                        p.frontends
+                            .iter()
+                            .any(|f| !f.kind.external() && f.local_only),
+                    ),
+                    local_slots: id
+                        .map(|i| self.writer.slots_of(i | writer::LOCAL_SET).len() as u32)
+                        .unwrap_or(0),
                 });
             }
+        }
+        out
+    }
+
+    /// The health-check node ports wanted now: port → (Service, ready local endpoints), for
+    /// Services with externalTrafficPolicy: Local and a healthCheckNodePort (kube-proxy's). A
+    /// port two Services name goes to the first in namespace/name order.
+    pub fn health_checks(&self) -> BTreeMap<u16, (ServiceKey, usize)> {
+        let mut out = BTreeMap::new();
+        for (key, (port, n)) in &self.health {
+            out.entry(*port).or_insert((key.clone(), *n));
         }
         out
     }

@@ -7,8 +7,11 @@
 //! ([`Model::desired`]) and diffed by the writer. Slices may come before their Service or outlive
 //! it; nothing is recomputed for the others.
 //!
-//! A Service port becomes a backend set (its endpoints, with the port resolved through the
-//! EndpointSlices) and one frontend per IPv4 cluster IP. Rules (kube-proxy's):
+//! A Service port becomes two backend sets, "cluster" (every usable endpoint) and "local" (the
+//! usable endpoints on this node, picked out independently: kube-proxy's CategorizeEndpoints),
+//! and frontends: one per IPv4 cluster IP, its nodePort (on every node address), each
+//! LoadBalancer ingress IP and each external IP. Each backend is placed: on this node, or on the
+//! node whose InternalIP remote flows are encapsulated to. Rules (kube-proxy's):
 //! - ExternalName and headless (clusterIP None) Services get no frontend; IPv6 is not handled yet.
 //! - New flows go to endpoints that are ready (`ready` unset = true), terminating or not; when none
 //!   is, to those that are serving and terminating (`serving` unset = true, `terminating` unset =
@@ -19,6 +22,16 @@
 //!   that way), else one named like a string targetPort, else a numeric targetPort, else the port.
 //! - An endpoint listed in several slices counts once, with its most usable listing.
 //! - sessionAffinity ClientIP: timeoutSeconds, default 10800.
+//! - An endpoint is on this node when its `nodeName` is this node's name; without a nodeName,
+//!   when its IP is in this node's pod CIDR. A remote endpoint's node address: the InternalIP of
+//!   the Node object its nodeName names, else of the Node whose podCIDR holds its IP, else
+//!   unknown (external clients' flows to it are dropped, counted as `drop_no_node`).
+//! - externalTrafficPolicy: Local applies to external frontends (NodePort, LoadBalancer IPs,
+//!   external IPs) reached from outside; pods reaching them use the cluster set (kube-proxy's
+//!   short-circuit). internalTrafficPolicy: Local applies to ClusterIPs reached from pods. With
+//!   no local endpoint such traffic is dropped, as kube-proxy does.
+//! - A Node object change that moves an address or pod CIDR recomputes every Service (rare; a
+//!   node's endpoints could be anywhere).
 //! - Two Services claiming one frontend (address, port, protocol; Kubernetes never allocates
 //!   that, a hand-written file may): the Service first in namespace/name order gets it, the other
 //!   is told in the log; when the first lets go, the other gets it.
@@ -128,11 +141,29 @@ impl fmt::Display for FrontendKey {
     }
 }
 
-/// What kind of address a frontend is (only ClusterIPs so far; NodePort, LoadBalancer and
-/// external IPs come with the multi-node work).
+/// What kind of address a frontend is. NodePorts have the address 0.0.0.0 (every node address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum FrontendKind {
     ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl FrontendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIp => "ExternalIP",
+        }
+    }
+
+    /// Served to clients outside the cluster, on the uplink.
+    pub fn external(self) -> bool {
+        self != FrontendKind::ClusterIp
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +172,17 @@ pub struct FrontendSpec {
     pub kind: FrontendKind,
     /// sessionAffinity ClientIP timeout in seconds.
     pub affinity_timeout: Option<u32>,
+    /// New flows use the local set only (externalTrafficPolicy: Local on an external frontend,
+    /// internalTrafficPolicy: Local on a ClusterIP).
+    pub local_only: bool,
+}
+
+/// Where a backend runs: this node, or the node address flows to it are encapsulated to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Placement {
+    pub local: bool,
+    /// The endpoint's node address (unspecified: unknown).
+    pub node: Ipv4Addr,
 }
 
 /// What one Service port wants in the dataplane.
@@ -149,8 +191,25 @@ pub struct PortDesired {
     pub port: PortKey,
     /// Every usable endpoint (the cluster set).
     pub cluster: BackendSet,
+    /// The usable endpoints on this node (sorted, distinct): the ready ones, or if none is, the
+    /// serving+terminating ones.
+    pub local: Vec<Backend>,
+    /// Where each listed endpoint runs, sorted by backend.
+    pub placement: Vec<(Backend, Placement)>,
     /// The frontends this Service holds (a frontend another Service holds is left out).
     pub frontends: Vec<FrontendSpec>,
+}
+
+impl PortDesired {
+    pub fn placement_of(&self, b: &Backend) -> Placement {
+        match self.placement.binary_search_by_key(b, |(x, _)| *x) {
+            Ok(i) => self.placement[i].1,
+            Err(_) => Placement {
+                local: false,
+                node: Ipv4Addr::UNSPECIFIED,
+            },
+        }
+    }
 }
 
 /// What one Service wants; no ports: nothing (deleted, headless, ExternalName...).
@@ -190,8 +249,11 @@ pub struct Model {
     services: FastMap<ServiceKey, ServiceEntry>,
     /// Who asks for each frontend, sorted: the first holds it.
     claims: FastMap<FrontendKey, Vec<ServiceKey>>,
-    /// Node objects (routes and node addresses will come from them).
+    /// Node objects (routes, node addresses and backend placement come from them).
     nodes: BTreeMap<String, Arc<Spec>>,
+    /// This node's name, and the pod CIDR it allocates from (--pod-cidr, or its Node object's).
+    local_node: Arc<str>,
+    local_cidr: Option<(Ipv4Addr, u8)>,
 }
 
 fn slice_of(spec: &Option<Arc<Spec>>) -> Option<&SliceSpec> {
@@ -201,7 +263,82 @@ fn slice_of(spec: &Option<Arc<Spec>>) -> Option<&SliceSpec> {
     }
 }
 
+/// `a.b.c.d/n` as (network, prefix).
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, n) = s.split_once('/')?;
+    let n: u8 = n.parse().ok().filter(|n| *n <= 32)?;
+    Some((a.parse().ok()?, n))
+}
+
+fn cidr_holds((net, prefix): (Ipv4Addr, u8), ip: Ipv4Addr) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+fn node_of(spec: &Spec) -> Option<&super::objects::NodeSpec> {
+    match spec {
+        Spec::Node(n) => Some(n),
+        _ => None,
+    }
+}
+
+fn first_v4(n: &super::objects::NodeSpec) -> Option<Ipv4Addr> {
+    n.internal_ips.iter().find_map(|a| match a {
+        IpAddr::V4(v) => Some(*v),
+        _ => None,
+    })
+}
+
 impl Model {
+    /// A model for node `name`, whose pods come from `cidr` unless its Node object says otherwise.
+    pub fn for_node(name: &str, cidr: Option<(Ipv4Addr, u8)>) -> Model {
+        Model {
+            local_node: name.into(),
+            local_cidr: cidr,
+            ..Model::default()
+        }
+    }
+
+    /// Where an endpoint runs.
+    fn place(&self, ip: Ipv4Addr, node: Option<&str>) -> Placement {
+        let own = self.nodes.get(&*self.local_node).and_then(|s| node_of(s));
+        let local = match node {
+            Some(n) => n == &*self.local_node,
+            None => {
+                let own_cidrs: Vec<(Ipv4Addr, u8)> = own
+                    .map(|n| n.pod_cidrs.iter().filter_map(|c| parse_cidr(c)).collect())
+                    .unwrap_or_default();
+                if own_cidrs.is_empty() {
+                    self.local_cidr.is_some_and(|c| cidr_holds(c, ip))
+                } else {
+                    own_cidrs.iter().any(|c| cidr_holds(*c, ip))
+                }
+            }
+        };
+        let spec = if local {
+            own
+        } else {
+            node.and_then(|n| self.nodes.get(n))
+                .and_then(|s| node_of(s))
+                .or_else(|| {
+                    self.nodes.values().filter_map(|s| node_of(s)).find(|n| {
+                        n.pod_cidrs
+                            .iter()
+                            .filter_map(|c| parse_cidr(c))
+                            .any(|c| cidr_holds(c, ip))
+                    })
+                })
+        };
+        Placement {
+            local,
+            node: spec.and_then(first_v4).unwrap_or(Ipv4Addr::UNSPECIFIED),
+        }
+    }
+
     /// The Node objects in effect, by name.
     pub fn nodes(&self) -> Vec<(String, super::objects::NodeSpec)> {
         self.nodes
@@ -251,14 +388,21 @@ impl Model {
                         touched.insert(key);
                     }
                 }
-                Kind::Node => match &c.new {
-                    Some(n) => {
-                        self.nodes.insert(c.key.name.to_string(), n.clone());
+                Kind::Node => {
+                    let old = c.old.as_deref().and_then(node_of);
+                    let new = c.new.as_deref().and_then(node_of);
+                    match &c.new {
+                        Some(n) => {
+                            self.nodes.insert(c.key.name.to_string(), n.clone());
+                        }
+                        None => {
+                            self.nodes.remove(&*c.key.name);
+                        }
                     }
-                    None => {
-                        self.nodes.remove(&*c.key.name);
+                    if old != new {
+                        touched.extend(self.services.keys().cloned());
                     }
-                },
+                }
             }
         }
         // Frontend claims follow the Services' specs; a change of holder touches both.
@@ -332,6 +476,32 @@ impl Model {
         self.nodes.len()
     }
 
+    /// A Service's health-check node port (kube-proxy's), with externalTrafficPolicy: Local
+    /// and a healthCheckNodePort: the port and its ready endpoints on this node (distinct
+    /// addresses over its ports).
+    pub fn health_of(&self, key: &ServiceKey) -> Option<(u16, usize)> {
+        let entry = self.services.get(key)?;
+        let spec = entry.service()?;
+        let port = spec
+            .health_check_node_port
+            .filter(|_| spec.external_local)?;
+        let mut local: Vec<Ipv4Addr> = Vec::new();
+        for (_, s) in &entry.slices {
+            let Spec::EndpointSlice(slice) = &**s else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().filter(|e| e.ready) {
+                for a in &ep.addresses {
+                    let IpAddr::V4(ip) = a else { continue };
+                    if self.place(*ip, ep.node.as_deref()).local && !local.contains(ip) {
+                        local.push(*ip);
+                    }
+                }
+            }
+        }
+        Some((port, local.len()))
+    }
+
     fn holds(&self, fk: &FrontendKey, key: &ServiceKey) -> bool {
         self.claims.get(fk).and_then(|v| v.first()) == Some(key)
     }
@@ -358,46 +528,104 @@ impl Model {
         let ports = spec
             .ports
             .iter()
-            .map(|sp| PortDesired {
-                port: PortKey {
-                    name: sp.id.clone(),
-                    proto: sp.proto,
-                },
-                cluster: backend_set(&slices, sp),
-                frontends: spec
-                    .cluster_ips
+            .map(|sp| {
+                let cluster = backend_set(&slices, sp);
+                let placement: Vec<(Backend, Placement)> = cluster
+                    .endpoints
                     .iter()
-                    .map(|vip| FrontendKey {
-                        vip: *vip,
-                        port: sp.port,
+                    .map(|e| (e.backend, self.place(e.backend.ip, e.node.as_deref())))
+                    .collect();
+                let local = usable(
+                    cluster
+                        .endpoints
+                        .iter()
+                        .zip(&placement)
+                        .filter(|(_, (_, p))| p.local)
+                        .map(|(e, _)| e),
+                );
+                PortDesired {
+                    port: PortKey {
+                        name: sp.id.clone(),
                         proto: sp.proto,
-                    })
-                    .filter(|fk| self.holds(fk, key))
-                    .map(|fk| FrontendSpec {
-                        key: fk,
-                        kind: FrontendKind::ClusterIp,
-                        affinity_timeout: spec.affinity_timeout,
-                    })
-                    .collect(),
+                    },
+                    cluster,
+                    local,
+                    placement,
+                    frontends: port_frontends(spec, sp)
+                        .filter(|(fk, _)| self.holds(fk, key))
+                        .filter({
+                            let mut seen = Vec::new();
+                            move |(fk, _)| {
+                                let new = !seen.contains(fk);
+                                seen.push(*fk);
+                                new
+                            }
+                        })
+                        .map(|(fk, kind)| FrontendSpec {
+                            key: fk,
+                            kind,
+                            affinity_timeout: spec.affinity_timeout,
+                            local_only: if kind.external() {
+                                spec.external_local
+                            } else {
+                                spec.internal_local
+                            },
+                        })
+                        .collect(),
+                }
             })
             .collect();
         ServiceDesired { ports }
     }
 }
 
+/// The frontends of one Service port, with their kinds.
+fn port_frontends<'a>(
+    spec: &'a ServiceSpec,
+    sp: &'a ServicePort,
+) -> impl Iterator<Item = (FrontendKey, FrontendKind)> + 'a {
+    let at = move |vip: Ipv4Addr, port: u16| FrontendKey {
+        vip,
+        port,
+        proto: sp.proto,
+    };
+    let cluster = spec
+        .cluster_ips
+        .iter()
+        .map(move |v| (at(*v, sp.port), FrontendKind::ClusterIp));
+    let node_port = sp
+        .node_port
+        .map(|np| (at(Ipv4Addr::UNSPECIFIED, np), FrontendKind::NodePort));
+    let lb = spec
+        .load_balancer_ips
+        .iter()
+        .map(move |v| (at(*v, sp.port), FrontendKind::LoadBalancer));
+    let ext = spec
+        .external_ips
+        .iter()
+        .map(move |v| (at(*v, sp.port), FrontendKind::ExternalIp));
+    cluster.chain(node_port).chain(lb).chain(ext)
+}
+
 /// The frontends a Service asks for.
 fn frontend_keys(spec: &ServiceSpec) -> Vec<FrontendKey> {
-    let mut out = Vec::new();
-    for sp in &spec.ports {
-        for vip in &spec.cluster_ips {
-            out.push(FrontendKey {
-                vip: *vip,
-                port: sp.port,
-                proto: sp.proto,
-            });
-        }
-    }
+    let mut out: Vec<FrontendKey> = spec
+        .ports
+        .iter()
+        .flat_map(|sp| port_frontends(spec, sp).map(|(k, _)| k))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
     out
+}
+
+/// The endpoints that get new flows among `eps` (distinct, sorted by backend): the ready ones,
+/// or if none is, the serving+terminating ones.
+fn usable<'a>(eps: impl Iterator<Item = &'a EndpointState> + Clone) -> Vec<Backend> {
+    let any_ready = eps.clone().any(EndpointState::usable);
+    eps.filter(|e| if any_ready { e.usable() } else { e.fallback() })
+        .map(|e| e.backend)
+        .collect()
 }
 
 fn backend_set(slices: &[&SliceSpec], sp: &ServicePort) -> BackendSet {
@@ -431,13 +659,8 @@ fn backend_set(slices: &[&SliceSpec], sp: &ServicePort) -> BackendSet {
     };
     endpoints.sort_by_key(|e| (e.backend, rank(e)));
     endpoints.dedup_by_key(|e| e.backend);
-    let any_ready = endpoints.iter().any(EndpointState::usable);
     BackendSet {
-        ready: endpoints
-            .iter()
-            .filter(|e| if any_ready { e.usable() } else { e.fallback() })
-            .map(|e| e.backend)
-            .collect(),
+        ready: usable(endpoints.iter()),
         endpoints,
     }
 }
@@ -857,5 +1080,195 @@ endpoints: [{addresses: [10.244.0.9]}]
         assert!(m.desired(&web()).ports.is_empty());
         assert_eq!(m.services().count(), 0);
         assert!(m.claims.is_empty());
+    }
+
+    const LB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.5.5
+  externalIPs: [192.0.2.10]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.7}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: shop, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-a}
+- {addresses: [10.244.1.6], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.2.5], nodeName: node-b}
+- {addresses: [10.244.2.6]}
+- {addresses: [10.244.9.9], nodeName: node-gone}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+spec: {podCIDR: 10.244.1.0/24}
+status: {addresses: [{type: InternalIP, address: 192.168.77.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+spec: {podCIDR: 10.244.2.0/24}
+status: {addresses: [{type: InternalIP, address: 192.168.77.2}]}
+"#;
+
+    fn model_on(node: &str, yaml: &str) -> Model {
+        let mut m = Model::for_node(node, parse_cidr("10.244.1.0/24"));
+        m.apply(&changes(yaml));
+        m
+    }
+
+    fn shop_lb() -> ServiceKey {
+        ServiceKey::new("shop", "lb")
+    }
+
+    #[test]
+    fn nodeport_load_balancer_and_external_ips_are_frontends_with_their_policies() {
+        let d = model_on("node-a", LB).desired(&shop_lb());
+        let fes: Vec<(String, FrontendKind, bool)> = d.ports[0]
+            .frontends
+            .iter()
+            .map(|f| (f.key.to_string(), f.kind, f.local_only))
+            .collect();
+        assert_eq!(
+            fes,
+            [
+                (
+                    "10.96.5.5:80/TCP".to_string(),
+                    FrontendKind::ClusterIp,
+                    true
+                ),
+                (
+                    "0.0.0.0:30080/TCP".to_string(),
+                    FrontendKind::NodePort,
+                    true
+                ),
+                (
+                    "203.0.113.7:80/TCP".to_string(),
+                    FrontendKind::LoadBalancer,
+                    true
+                ),
+                (
+                    "192.0.2.10:80/TCP".to_string(),
+                    FrontendKind::ExternalIp,
+                    true
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoints_are_placed_by_node_name_then_pod_cidr() {
+        let d = model_on("node-a", LB).desired(&shop_lb());
+        let p = &d.ports[0];
+        let at = |ip: &str| p.placement_of(&b(ip, 8080));
+        let a: Ipv4Addr = "192.168.77.1".parse().unwrap();
+        let bn: Ipv4Addr = "192.168.77.2".parse().unwrap();
+        assert_eq!(
+            at("10.244.1.5"),
+            Placement {
+                local: true,
+                node: a
+            }
+        );
+        assert_eq!(
+            at("10.244.2.5"),
+            Placement {
+                local: false,
+                node: bn
+            }
+        );
+        // No nodeName: the Node whose podCIDR holds it.
+        assert_eq!(
+            at("10.244.2.6"),
+            Placement {
+                local: false,
+                node: bn
+            }
+        );
+        // A nodeName no Node object has, outside every pod CIDR: unknown.
+        assert_eq!(
+            at("10.244.9.9"),
+            Placement {
+                local: false,
+                node: Ipv4Addr::UNSPECIFIED
+            }
+        );
+        // The cluster set has every ready endpoint; the local set this node's ready ones.
+        assert_eq!(p.cluster.ready.len(), 4);
+        assert_eq!(p.local, vec![b("10.244.1.5", 8080)]);
+    }
+
+    #[test]
+    fn the_local_set_falls_back_to_terminating_endpoints_on_its_own() {
+        // node-a's only ready endpoint goes away: its serving+terminating one takes new local
+        // flows, while the cluster set still has ready endpoints elsewhere (kube-proxy).
+        let yaml = LB.replace(
+            "- {addresses: [10.244.1.5], nodeName: node-a}\n",
+            "- {addresses: [10.244.1.5], nodeName: node-a, conditions: {ready: false}}\n",
+        );
+        let d = model_on("node-a", &yaml).desired(&shop_lb());
+        assert_eq!(d.ports[0].local, vec![b("10.244.1.6", 8080)]);
+        assert!(!d.ports[0].cluster.ready.contains(&b("10.244.1.6", 8080)));
+        // On node-b: its two ready endpoints (by name, and by pod CIDR without one).
+        let d = model_on("node-b", LB).desired(&shop_lb());
+        assert_eq!(
+            d.ports[0].local,
+            vec![b("10.244.2.5", 8080), b("10.244.2.6", 8080)]
+        );
+    }
+
+    #[test]
+    fn health_checks_count_ready_local_endpoints() {
+        assert_eq!(
+            model_on("node-a", LB).health_of(&shop_lb()),
+            Some((32000, 1))
+        );
+        assert_eq!(
+            model_on("node-b", LB).health_of(&shop_lb()),
+            Some((32000, 2))
+        );
+        assert_eq!(
+            model_on("node-c", LB).health_of(&shop_lb()),
+            Some((32000, 0))
+        );
+        let cluster = LB.replace(
+            "externalTrafficPolicy: Local",
+            "externalTrafficPolicy: Cluster",
+        );
+        assert_eq!(model_on("node-a", &cluster).health_of(&shop_lb()), None);
+    }
+
+    #[test]
+    fn a_node_that_moves_recomputes_the_services() {
+        let mut m = model_on("node-a", LB);
+        let moved = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+spec: {podCIDR: 10.244.2.0/24}
+status: {addresses: [{type: InternalIP, address: 192.168.77.20}]}
+"#;
+        let mut c = changes(moved);
+        c[0].old = Some(Arc::new(
+            crate::services::objects::parse(LB, "t").unwrap()[3]
+                .spec
+                .clone(),
+        ));
+        assert_eq!(m.apply(&c), vec![shop_lb()]);
+        let d = m.desired(&shop_lb());
+        assert_eq!(
+            d.ports[0].placement_of(&b("10.244.2.5", 8080)).node,
+            "192.168.77.20".parse::<Ipv4Addr>().unwrap()
+        );
     }
 }

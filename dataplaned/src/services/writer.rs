@@ -35,7 +35,9 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use sluice_core::bpf::pod_veth::types::{frontend_flags, frontend_kind};
 
-use super::model::{Backend, FrontendKey, FrontendKind, PortKey, ServiceDesired, ServiceKey};
+use super::model::{
+    Backend, FrontendKey, FrontendKind, Placement, PortDesired, PortKey, ServiceDesired, ServiceKey,
+};
 use super::{FastMap, FastSet};
 
 /// A frontend map value, as the writer sees it (the fields of `struct frontend_value`).
@@ -54,19 +56,36 @@ pub struct FrontendValue {
     pub kind: u8,
 }
 
+/// The set id of a Service port's local set: its cluster set's id with this bit set. Derived, so
+/// a port holds one id and a restarted daemon finds both sets from its frontends' cluster_id.
+/// (Set ids index the per-service counters only through cluster_id, which never has the bit.)
+pub const LOCAL_SET: u32 = 1 << 31;
+
+/// The cluster set id of a set id.
+pub fn base_id(id: u32) -> u32 {
+    id & !LOCAL_SET
+}
+
+/// A backend slot's value: the backend and where it runs (`struct backend_value`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot {
+    pub backend: Backend,
+    pub at: Placement,
+}
+
 /// The operations the writer needs from the service maps. Writes take batches; a batch that
 /// fails may have been applied in part (the writer then reads the maps again).
 pub trait ServiceMaps {
     fn frontends(&self) -> Result<Vec<(FrontendKey, FrontendValue)>>;
     /// VIPs with a marker entry (fragments to them without a known first fragment are dropped).
     fn markers(&self) -> Result<Vec<Ipv4Addr>>;
-    fn slots(&self) -> Result<Vec<(u32, u32, Backend)>>;
+    fn slots(&self) -> Result<Vec<(u32, u32, Slot)>>;
     fn members(&self) -> Result<Vec<(u32, Backend)>>;
     fn put_frontends(&mut self, e: &[(FrontendKey, FrontendValue)]) -> Result<()>;
     fn delete_frontends(&mut self, k: &[FrontendKey]) -> Result<()>;
     fn put_markers(&mut self, vips: &[Ipv4Addr]) -> Result<()>;
     fn delete_markers(&mut self, vips: &[Ipv4Addr]) -> Result<()>;
-    fn put_slots(&mut self, e: &[(u32, u32, Backend)]) -> Result<()>;
+    fn put_slots(&mut self, e: &[(u32, u32, Slot)]) -> Result<()>;
     fn delete_slots(&mut self, e: &[(u32, u32)]) -> Result<()>;
     fn put_members(&mut self, e: &[(u32, Backend)]) -> Result<()>;
     fn delete_members(&mut self, e: &[(u32, Backend)]) -> Result<()>;
@@ -126,7 +145,7 @@ pub enum SyncError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct SetContent {
     /// Slots 0.., without holes.
-    slots: Vec<Backend>,
+    slots: Vec<Slot>,
     /// Slots past a hole (left by a writer that died): never reachable, deleted when synced.
     strays: Vec<u32>,
     /// Sorted.
@@ -150,7 +169,7 @@ struct Mirror {
 impl Mirror {
     fn load(maps: &impl ServiceMaps) -> Result<Mirror> {
         let mut m = Mirror::default();
-        let mut slots: FastMap<u32, Vec<Option<Backend>>> = FastMap::default();
+        let mut slots: FastMap<u32, Vec<Option<Slot>>> = FastMap::default();
         for (id, slot, b) in maps.slots()? {
             let v = slots.entry(id).or_default();
             if v.len() <= slot as usize {
@@ -216,8 +235,11 @@ impl Mirror {
             .unwrap_or(0)
     }
 
+    /// Whether the maps hold anything of the port set `id` (a base id): its sets or frontends.
     fn in_use(&self, id: u32) -> bool {
-        self.sets.contains_key(&id) || self.id_frontends.contains_key(&id)
+        self.sets.contains_key(&id)
+            || self.sets.contains_key(&(id | LOCAL_SET))
+            || self.id_frontends.contains_key(&id)
     }
 
     /// Replays a written plan (the maps now hold exactly this).
@@ -297,7 +319,7 @@ struct OwnedPort {
 struct Ops {
     member_puts: Vec<(u32, Backend)>,
     member_leaves: Vec<(u32, Backend)>,
-    slot_puts: Vec<(u32, u32, Backend)>,
+    slot_puts: Vec<(u32, u32, Slot)>,
     counter_resets: Vec<u32>,
     frontend_puts: Vec<(FrontendKey, FrontendValue)>,
     marker_puts: Vec<Ipv4Addr>,
@@ -364,7 +386,7 @@ impl Writer {
             .sets
             .keys()
             .chain(mirror.id_frontends.keys())
-            .copied()
+            .map(|id| base_id(*id))
             .collect();
         let foreign_markers = mirror.markers.clone();
         Ok(Writer {
@@ -404,8 +426,8 @@ impl Writer {
             .sets
             .keys()
             .chain(self.mirror.id_frontends.keys())
+            .map(|id| base_id(*id))
             .filter(|id| !self.holders.contains_key(id) && !self.foreign_sets.contains(id))
-            .copied()
             .collect();
         self.garbage_markers = self
             .mirror
@@ -432,7 +454,7 @@ impl Writer {
     }
 
     /// The backends in a set's slots, in slot order.
-    pub fn slots_of(&self, id: u32) -> &[Backend] {
+    pub fn slots_of(&self, id: u32) -> &[Slot] {
         self.mirror
             .sets
             .get(&id)
@@ -559,39 +581,20 @@ impl Writer {
         // Per port: members, slots, frontends.
         let mut new_frontend_keys = 0usize;
         let mut new_slots = 0usize;
-        let empty = SetContent::default();
         let mut vip_delta: FastMap<Ipv4Addr, i64> = FastMap::default();
         for ((svc, d), ids) in batch.iter().zip(&ids) {
             let mut owned_ports = Vec::with_capacity(d.ports.len());
             for (p, &(id, base_gen)) in d.ports.iter().zip(ids) {
-                let have = self.mirror.sets.get(&id).unwrap_or(&empty);
-                let want = &p.cluster.ready;
-                let want_sorted = sorted_distinct(want);
-                for b in difference(&want_sorted, &have.members) {
-                    plan.ops.member_puts.push((id, b));
-                }
-                let left = difference(&have.members, &want_sorted);
                 let mut gen = base_gen;
-                if !left.is_empty() {
-                    plan.stats.backends_left += left.len();
+                let (cluster_count, left, added) =
+                    self.plan_set(&mut plan, id, &p.cluster.ready, p);
+                let (local_count, left_local, added_local) =
+                    self.plan_set(&mut plan, id | LOCAL_SET, &p.local, p);
+                new_slots += added + added_local;
+                if left + left_local > 0 {
+                    plan.stats.backends_left += left + left_local;
                     gen = gen.wrapping_add(1);
                 }
-                plan.ops.member_leaves.extend(left.iter().map(|b| (id, *b)));
-                let new = plan_slots(&have.slots, &want_sorted);
-                for (i, b) in new.iter().enumerate() {
-                    if have.slots.get(i) != Some(b) {
-                        plan.ops.slot_puts.push((id, i as u32, *b));
-                        if i >= have.slots.len() {
-                            new_slots += 1;
-                        }
-                    }
-                }
-                for slot in (new.len()..have.slots.len()).rev() {
-                    plan.ops.slot_deletes.push((id, slot as u32));
-                }
-                plan.ops
-                    .slot_deletes
-                    .extend(have.strays.iter().map(|s| (id, *s)));
                 // A frontend moving here from another set must see its generation change, so
                 // that its UDP flows re-check where they go.
                 if p.frontends.iter().any(|f| {
@@ -603,22 +606,36 @@ impl Writer {
                     gen = gen.wrapping_add(1);
                 }
                 for f in &p.frontends {
-                    vip_delta.entry(f.key.vip).or_default();
+                    if !f.key.vip.is_unspecified() {
+                        vip_delta.entry(f.key.vip).or_default();
+                    }
+                    let mut flags = 0;
+                    // sessionAffinity for ClusterIPs only: an affinity entry records the backend,
+                    // not its node, which an external flow to a remote backend needs.
+                    if f.affinity_timeout.is_some() && !f.kind.external() {
+                        flags |= frontend_flags::FE_F_AFFINITY.0;
+                    }
+                    if f.kind.external() {
+                        flags |= frontend_flags::FE_F_EXTERNAL.0;
+                        if f.local_only {
+                            flags |= frontend_flags::FE_F_ETP_LOCAL.0;
+                        }
+                    } else if f.local_only {
+                        flags |= frontend_flags::FE_F_ITP_LOCAL.0;
+                    }
                     let v = FrontendValue {
                         cluster_id: id,
-                        cluster_count: new.len() as u32,
-                        // No node-local sets yet: the local set is the cluster set, empty.
-                        local_id: id,
-                        local_count: 0,
+                        cluster_count,
+                        local_id: id | LOCAL_SET,
+                        local_count,
                         affinity_timeout: f.affinity_timeout.unwrap_or(0),
                         gen,
-                        flags: if f.affinity_timeout.is_some() {
-                            frontend_flags::FE_F_AFFINITY.0
-                        } else {
-                            0
-                        },
+                        flags,
                         kind: match f.kind {
                             FrontendKind::ClusterIp => frontend_kind::FE_KIND_CLUSTER_IP.0,
+                            FrontendKind::NodePort => frontend_kind::FE_KIND_NODE_PORT.0,
+                            FrontendKind::LoadBalancer => frontend_kind::FE_KIND_LOAD_BALANCER.0,
+                            FrontendKind::ExternalIp => frontend_kind::FE_KIND_EXTERNAL_IP.0,
                         },
                     };
                     match self.mirror.frontends.get(&f.key) {
@@ -627,7 +644,9 @@ impl Writer {
                         None => {
                             plan.ops.frontend_puts.push((f.key, v));
                             new_frontend_keys += 1;
-                            *vip_delta.entry(f.key.vip).or_default() += 1;
+                            if !f.key.vip.is_unspecified() {
+                                *vip_delta.entry(f.key.vip).or_default() += 1;
+                            }
                         }
                     }
                 }
@@ -665,21 +684,25 @@ impl Writer {
         for k in &gone_frontends {
             if self.mirror.frontends.contains_key(k) {
                 plan.ops.frontend_deletes.push(*k);
-                *vip_delta.entry(k.vip).or_default() -= 1;
+                if !k.vip.is_unspecified() {
+                    *vip_delta.entry(k.vip).or_default() -= 1;
+                }
             }
         }
         gone_sets.sort_unstable();
         for id in &gone_sets {
-            if let Some(s) = self.mirror.sets.get(id) {
-                for slot in (0..s.slots.len()).rev() {
-                    plan.ops.slot_deletes.push((*id, slot as u32));
+            for sid in [*id, *id | LOCAL_SET] {
+                if let Some(s) = self.mirror.sets.get(&sid) {
+                    for slot in (0..s.slots.len()).rev() {
+                        plan.ops.slot_deletes.push((sid, slot as u32));
+                    }
+                    plan.ops
+                        .slot_deletes
+                        .extend(s.strays.iter().map(|x| (sid, *x)));
+                    plan.ops
+                        .member_deletes
+                        .extend(s.members.iter().map(|b| (sid, *b)));
                 }
-                plan.ops
-                    .slot_deletes
-                    .extend(s.strays.iter().map(|x| (*id, *x)));
-                plan.ops
-                    .member_deletes
-                    .extend(s.members.iter().map(|b| (*id, *b)));
             }
             if released.contains(id) {
                 plan.freed_ids.push(*id);
@@ -717,6 +740,47 @@ impl Writer {
             + plan.ops.member_deletes.len();
         plan.stats.marker_writes = plan.ops.marker_puts.len() + plan.ops.marker_deletes.len();
         Ok(plan)
+    }
+
+    /// Plans one backend set's members and slots; returns (slots after, members that left,
+    /// slots added).
+    fn plan_set(
+        &self,
+        plan: &mut Plan,
+        id: u32,
+        want: &[Backend],
+        p: &PortDesired,
+    ) -> (u32, usize, usize) {
+        let empty = SetContent::default();
+        let have = self.mirror.sets.get(&id).unwrap_or(&empty);
+        let want_sorted = sorted_distinct(want);
+        for b in difference(&want_sorted, &have.members) {
+            plan.ops.member_puts.push((id, b));
+        }
+        let left = difference(&have.members, &want_sorted);
+        plan.ops.member_leaves.extend(left.iter().map(|b| (id, *b)));
+        let old: Vec<Backend> = have.slots.iter().map(|s| s.backend).collect();
+        let new = plan_slots(&old, &want_sorted);
+        let mut added = 0;
+        for (i, b) in new.iter().enumerate() {
+            let slot = Slot {
+                backend: *b,
+                at: p.placement_of(b),
+            };
+            if have.slots.get(i) != Some(&slot) {
+                plan.ops.slot_puts.push((id, i as u32, slot));
+                if i >= have.slots.len() {
+                    added += 1;
+                }
+            }
+        }
+        for slot in (new.len()..have.slots.len()).rev() {
+            plan.ops.slot_deletes.push((id, slot as u32));
+        }
+        plan.ops
+            .slot_deletes
+            .extend(have.strays.iter().map(|s| (id, *s)));
+        (new.len() as u32, left.len(), added)
     }
 
     fn check_capacity(
@@ -857,7 +921,7 @@ impl Writer {
             .mirror
             .sets
             .keys()
-            .filter(|id| !self.holders.contains_key(id) && !referenced(id))
+            .filter(|id| !self.holders.contains_key(&base_id(**id)) && !referenced(&base_id(**id)))
             .copied()
             .collect();
         sets.sort_unstable();
@@ -872,7 +936,7 @@ impl Writer {
         }
         // Strays of owned sets, and markers of VIPs no frontend has.
         for (id, s) in &self.mirror.sets {
-            if self.holders.contains_key(id) {
+            if self.holders.contains_key(&base_id(*id)) {
                 ops.slot_deletes.extend(s.strays.iter().map(|x| (*id, *x)));
             }
         }
@@ -980,7 +1044,7 @@ pub mod fake {
     pub struct FakeMaps {
         pub frontends: BTreeMap<FrontendKey, FrontendValue>,
         pub markers: BTreeSet<Ipv4Addr>,
-        pub slots: BTreeMap<(u32, u32), Backend>,
+        pub slots: BTreeMap<(u32, u32), Slot>,
         pub members: BTreeSet<(u32, Backend)>,
         pub counter_resets: Vec<u32>,
         /// Entries written or deleted.
@@ -1003,7 +1067,7 @@ pub mod fake {
                 return vec![];
             };
             let v: Vec<Backend> = (0..f.cluster_count)
-                .map(|s| self.slots[&(f.cluster_id, s)])
+                .map(|s| self.slots[&(f.cluster_id, s)].backend)
                 .collect();
             for b in &v {
                 assert!(
@@ -1018,7 +1082,7 @@ pub mod fake {
         pub fn assert_consistent(&self) {
             let mut by_set: BTreeMap<u32, BTreeSet<Backend>> = BTreeMap::new();
             for ((id, _), b) in &self.slots {
-                by_set.entry(*id).or_default().insert(*b);
+                by_set.entry(*id).or_default().insert(b.backend);
             }
             let mut members: BTreeMap<u32, BTreeSet<Backend>> = BTreeMap::new();
             for (id, b) in &self.members {
@@ -1032,8 +1096,18 @@ pub mod fake {
                     .filter(|(i, _)| *i == f.cluster_id)
                     .count();
                 assert_eq!(n as u32, f.cluster_count, "no slot past the count: {f:?}");
+                let n = self.slots.keys().filter(|(i, _)| *i == f.local_id).count();
+                assert_eq!(
+                    n as u32, f.local_count,
+                    "no local slot past the count: {f:?}"
+                );
             }
-            let vips: BTreeSet<Ipv4Addr> = self.frontends.keys().map(|k| k.vip).collect();
+            let vips: BTreeSet<Ipv4Addr> = self
+                .frontends
+                .keys()
+                .map(|k| k.vip)
+                .filter(|v| !v.is_unspecified())
+                .collect();
             assert_eq!(vips, self.markers, "one marker per frontend address");
         }
 
@@ -1063,7 +1137,7 @@ pub mod fake {
         fn markers(&self) -> Result<Vec<Ipv4Addr>> {
             Ok(self.markers.iter().copied().collect())
         }
-        fn slots(&self) -> Result<Vec<(u32, u32, Backend)>> {
+        fn slots(&self) -> Result<Vec<(u32, u32, Slot)>> {
             Ok(self.slots.iter().map(|((i, s), b)| (*i, *s, *b)).collect())
         }
         fn members(&self) -> Result<Vec<(u32, Backend)>> {
@@ -1080,13 +1154,21 @@ pub mod fake {
                         v.cluster_id
                     );
                 }
+                for s in 0..v.local_count {
+                    assert!(
+                        self.slots.contains_key(&(v.local_id, s)),
+                        "local count {} raised before slot {s} of {} was written",
+                        v.local_count,
+                        v.local_id
+                    );
+                }
                 if let Some(old) = self.frontends.get(k) {
                     // A gen bump tells UDP flows to re-check membership: the member must be gone.
                     if old.cluster_id == v.cluster_id && old.gen != v.gen {
                         for s in 0..old.cluster_count {
-                            let b = self.slots[&(old.cluster_id, s)];
-                            let still =
-                                (0..v.cluster_count).any(|n| self.slots[&(v.cluster_id, n)] == b);
+                            let b = self.slots[&(old.cluster_id, s)].backend;
+                            let still = (0..v.cluster_count)
+                                .any(|n| self.slots[&(v.cluster_id, n)].backend == b);
                             assert!(
                                 still || !self.members.contains(&(v.cluster_id, b)),
                                 "gen bumped while the member entry of {b:?} (leaving) still exists"
@@ -1127,7 +1209,7 @@ pub mod fake {
             }
             Ok(())
         }
-        fn put_slots(&mut self, e: &[(u32, u32, Backend)]) -> Result<()> {
+        fn put_slots(&mut self, e: &[(u32, u32, Slot)]) -> Result<()> {
             self.calls += 1;
             for (id, slot, b) in e {
                 self.step()?;
@@ -1230,6 +1312,14 @@ mod tests {
         fn new() -> World {
             World {
                 model: Model::default(),
+                held: Default::default(),
+            }
+        }
+
+        /// A world whose model places endpoints for node `name` with pod CIDR `cidr`.
+        fn on_node(name: &str, cidr: &str) -> World {
+            World {
+                model: Model::for_node(name, crate::services::model::parse_cidr(cidr)),
                 held: Default::default(),
             }
         }
@@ -1500,6 +1590,53 @@ mod tests {
         assert_eq!(st.map_writes(), 0, "{st:?}");
         assert_eq!(w2.prune(&mut maps).unwrap().map_writes(), 0);
         assert!(maps.counter_resets.len() == 2, "counters survive a restart");
+    }
+
+    #[test]
+    fn local_sets_follow_the_nodes_endpoints_and_slots_carry_their_node() {
+        let mut maps = FakeMaps::default();
+        let mut world = World::on_node("node-a", "10.244.1.0/24");
+        let nodes = "---\napiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nspec: {podCIDR: 10.244.2.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.77.2}]}\n";
+        let two = svc(
+            "a",
+            "10.96.0.1",
+            &[("10.244.1.5", READY), ("10.244.2.5", READY)],
+        );
+        let mut w = Writer::load(&maps, CAP).unwrap();
+        w.sync(&world.set(&(two.clone() + nodes)), &mut maps)
+            .unwrap();
+        maps.assert_consistent();
+        let fe = maps.frontends[&fk("10.96.0.1")];
+        assert_eq!(fe.local_id, fe.cluster_id | LOCAL_SET);
+        assert_eq!((fe.cluster_count, fe.local_count), (2, 1));
+        let local = maps.slots[&(fe.local_id, 0)];
+        assert_eq!(local.backend, be("10.244.1.5"));
+        assert!(local.at.local);
+        let remote = (0..2)
+            .map(|i| maps.slots[&(fe.cluster_id, i)])
+            .find(|s| s.backend == be("10.244.2.5"))
+            .unwrap();
+        assert_eq!(
+            remote.at,
+            Placement {
+                local: false,
+                node: "192.168.77.2".parse().unwrap()
+            }
+        );
+        // A restart adopts both sets and writes nothing; pruning keeps them.
+        let mut w2 = Writer::load(&maps, CAP).unwrap();
+        assert_eq!(w2.sync(&world.all(), &mut maps).unwrap().map_writes(), 0);
+        assert_eq!(w2.prune(&mut maps).unwrap().map_writes(), 0);
+        // The local endpoint goes: the local set empties, the generation moves on.
+        let one = svc("a", "10.96.0.1", &[("10.244.2.5", READY)]);
+        w2.sync(&world.set(&(one + nodes)), &mut maps).unwrap();
+        maps.assert_consistent();
+        let fe2 = maps.frontends[&fk("10.96.0.1")];
+        assert_eq!((fe2.cluster_count, fe2.local_count), (1, 0));
+        assert_ne!(fe2.gen, fe.gen);
+        // The Service goes: both sets are deleted.
+        w2.sync(&world.set(nodes), &mut maps).unwrap();
+        assert!(maps.slots.is_empty() && maps.members.is_empty(), "{maps:?}");
     }
 
     #[test]

@@ -927,6 +927,11 @@ impl M<'_> {
             }
         }
         if count == 0 {
+            if set_id != fe.cluster_id && fe.cluster_count > 0 {
+                // internalTrafficPolicy: Local, endpoints elsewhere only: dropped (kube-proxy).
+                self.note("service: new flow, no local endpoint (policy Local)");
+                return (TC_ACT_SHOT, R::REASON_DROP_NO_LOCAL);
+            }
             self.note(format!("service: new flow, set {set_id} has no backends"));
             return self.reject();
         }

@@ -104,8 +104,8 @@ pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "source-address check inverted",
         file: "lib/pod.h",
-        find: "p->addr == pkt->saddr;",
-        replace: "p->addr != pkt->saddr;",
+        find: "p->addr == pkt->saddr)\n\t\treturn 1;",
+        replace: "p->addr != pkt->saddr)\n\t\treturn 1;",
     },
     Variant {
         name: "fragment memory never stale",
