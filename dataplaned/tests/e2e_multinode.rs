@@ -347,14 +347,20 @@ fn http_get(ns: &Netns, addr: &str, port: u16) -> Result<(u16, Vec<(String, Stri
     let script = format!(
         r#"
 import http.client, json
-c = http.client.HTTPConnection('{addr}', {port}, timeout=3)
-c.request('GET', '/')
-r = c.getresponse()
-print(json.dumps({{"status": r.status, "headers": [[k.lower(), v] for k, v in r.getheaders()], "body": r.read().decode()}}))
+try:
+    c = http.client.HTTPConnection('{addr}', {port}, timeout=3)
+    c.request('GET', '/')
+    r = c.getresponse()
+    print(json.dumps({{"status": r.status, "headers": [[k.lower(), v] for k, v in r.getheaders()], "body": r.read().decode()}}))
+except Exception as e:
+    print(json.dumps({{"error": "%s: %s" % (type(e).__name__, e)}}))
 "#
     );
     let out = run(ns.command("python3").args(["-c", &script]))?;
     let v: Value = serde_json::from_slice(&out.stdout).context("http_get output")?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("GET http://{addr}:{port}/ from {}: {e}", ns.name);
+    }
     let headers = v["headers"]
         .as_array()
         .unwrap()

@@ -233,6 +233,18 @@ impl MNode {
 
 impl Drop for MNode {
     fn drop(&mut self) {
+        if std::thread::panicking() && self.daemon.is_some() {
+            // What the daemon held when the test failed.
+            for args in [&["get", "services"][..], &["status"][..]] {
+                let out = self.sluicectl(args).map(|o| o.stdout).unwrap_or_default();
+                eprintln!(
+                    "--- sluicectl {} ({}) ---\n{}",
+                    args.join(" "),
+                    self.name,
+                    String::from_utf8_lossy(&out)
+                );
+            }
+        }
         if let Some(mut d) = self.daemon.take() {
             d.terminate(Duration::from_secs(5));
         }
@@ -285,6 +297,15 @@ fn plug(fabric: &Netns, br: &str, ns: &Netns, addr: &str) -> Result<(String, Str
     Ok((inner, port))
 }
 
+/// `SLUICE_E2E_ATTACH_MODE=tc|tcx` runs both daemons with that --attach-mode (default: sluiced's
+/// own choice, tcx on kernels from 6.6), to compare the two attachment paths.
+fn attach_mode_arg() -> Vec<String> {
+    match std::env::var("SLUICE_E2E_ATTACH_MODE") {
+        Ok(m) if !m.is_empty() => vec!["--attach-mode".into(), m],
+        _ => vec![],
+    }
+}
+
 /// The `v1 Node` objects of both nodes: name, podCIDR, InternalIP.
 pub fn node_objects() -> String {
     let mut y = String::new();
@@ -333,7 +354,11 @@ impl Cluster {
                 port,
                 dir,
                 bpffs: PathBuf::from("/sys/fs/bpf").join(unique("b")),
-                extra_args: extra.iter().map(|s| s.to_string()).collect(),
+                extra_args: extra
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain(attach_mode_arg())
+                    .collect(),
                 daemon: None,
                 ns,
             };
