@@ -811,10 +811,14 @@ fn traffic_policies_local() {
         || expect_tcp(&c.client, B_IP, 30085, CLIENT_IP, &b_be.ip),
     );
     checks.check(
-        "7b eTP Local: NodePort via A (no local endpoint) fails",
+        "7b eTP Local: NodePort via A (no local endpoint) is dropped (times out), as kube-proxy does",
         || {
             let why = expect_tcp_fails(&c.client, A_IP, 30085)?;
             eprintln!("    via A: {why}");
+            ensure!(
+                why.contains("timed out"),
+                "want the SYN dropped (a timeout), got: {why} (a refusal means node A's kernel answered: no frontend served there)"
+            );
             Ok(())
         },
     );
