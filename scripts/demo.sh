@@ -327,7 +327,8 @@ step "sluicectl status (node B)"
 ctl b status | sed 's/^/   /'
 
 if [ ${#FAILED[@]} -gt 0 ]; then
-    step "FAILED after $(( $(date +%s) - T0 )) s: ${FAILED[*]}"
+    step "FAILED after $(( $(date +%s) - T0 )) s:"
+    printf '   - %s\n' "${FAILED[@]}"
     for n in "${NODES[@]}"; do echo "--- sluiced.log (node $n)"; tail -20 "$WORK/$n/sluiced.log"; done
     exit 1
 fi
