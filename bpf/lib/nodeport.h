@@ -105,11 +105,19 @@ SL_GLOBAL int np_forward(struct __sk_buff *skb, struct packet *pkt,
 	ct_key_of(pkt, &key);
 	ct = bpf_map_lookup_elem(&sl_ct_v2, &key);
 	if (ct && ct->type == CT_TYPE_TUN) {
-		/* Pinned to a backend's node; a SYN after it ended may go elsewhere. */
+		/* Pinned to a backend's node; a SYN after it ended may go elsewhere, and so does a UDP
+		 * flow whose backend stopped receiving new flows (as on a pod's service flow). */
 		if (is_tcp_syn(pkt) && ct_ended(ct->seen, 0)) {
 			restart = REASON_FLOW_REPLACED;
 			ct_delete_flow(&key, ct);
+		} else if (pkt->proto == IPPROTO_UDP && ct->gen != fe->gen &&
+			   !((ct->set_id == fe->cluster_id || ct->set_id == fe->local_id) &&
+			     lb_member(ct->set_id, ct->nat_daddr, ct->nat_dport))) {
+			restart = REASON_UDP_REBALANCED;
+			ct_delete_flow(&key, ct);
 		} else {
+			if (ct->gen != fe->gen)
+				ct->gen = fe->gen;
 			ct_touch(ct, pkt, 0, now);
 			svc_account(fe->cluster_id, pkt->len, SVC_FORWARDED);
 			frag_remember_tun(pkt, saddr, daddr, ct->tun_addr);
@@ -148,6 +156,8 @@ SL_GLOBAL int np_forward(struct __sk_buff *skb, struct packet *pkt,
 			tun->set_id = set.id;
 			tun->gen = fe->gen;
 			tun->tun_addr = be.node;
+			tun->nat_daddr = be.addr; /* the backend: what UDP flows re-check */
+			tun->nat_dport = be.port;
 			tun->seen = ct_bits_of(pkt);
 			tun->type = CT_TYPE_TUN;
 			tun->flags = np_mode_flags();

@@ -203,7 +203,7 @@ impl Dataplane for Api {
             a.attach_mode = dp.mode().name().to_string();
             let cid = a.container_id.clone();
             s.ipam.update(a).map_err(ipam_status)?;
-            crate::state::link_pod_interfaces(&s.ipam, dp, &cid);
+            crate::state::link_pod_interfaces(&s.ipam, dp, &cid, None);
             Ok(())
         })
         .await?;
@@ -218,9 +218,9 @@ impl Dataplane for Api {
         let released = self
             .locked(move |s, dp| {
                 let Some(a) = s.ipam.get(&r.container_id, &r.ifname).cloned() else { return Ok(false) };
+                crate::state::link_pod_interfaces(&s.ipam, dp, &a.container_id, Some(&a.ifname));
                 dp.detach(&a.host_ifname, a.host_ifindex, AttachMode::from_name(&a.attach_mode));
                 s.ipam.release(&r.container_id, &r.ifname).map_err(ipam_status)?;
-                crate::state::link_pod_interfaces(&s.ipam, dp, &a.container_id);
                 tracing::info!(container = %a.container_id, ifname = %a.ifname, ip = %a.ip, "release");
                 Ok(true)
             })

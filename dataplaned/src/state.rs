@@ -98,10 +98,18 @@ pub struct Inner {
 
 /// Links a pod's attached sluice interfaces into a ring (their sources are all the pod's): the
 /// kernel may answer on one interface for an address on another (a second CNI_IFNAME).
-pub fn link_pod_interfaces(ipam: &Ipam, datapath: &Datapath, container_id: &str) {
+/// `leaving`: an interface about to be detached, left out before it goes so that the ring never
+/// points at a missing (or reused) entry.
+pub fn link_pod_interfaces(
+    ipam: &Ipam,
+    datapath: &Datapath,
+    container_id: &str,
+    leaving: Option<&str>,
+) {
     let mut ifs: Vec<u32> = ipam
         .all()
         .filter(|a| a.container_id == container_id && a.attached && a.host_ifindex != 0)
+        .filter(|a| Some(a.ifname.as_str()) != leaving)
         .map(|a| a.host_ifindex)
         .collect();
     ifs.sort_unstable();
@@ -322,9 +330,15 @@ impl State {
         }
         let containers: BTreeSet<String> = ipam.all().map(|a| a.container_id.clone()).collect();
         for c in &containers {
-            link_pod_interfaces(ipam, datapath, c);
+            link_pod_interfaces(ipam, datapath, c, None);
         }
-        let known: HashSet<String> = ipam.all().map(|a| a.host_ifname.clone()).collect();
+        // Pods' veths and this start's uplinks keep their links; an interface no longer named by
+        // --nodeport-iface loses them.
+        let known: HashSet<String> = ipam
+            .all()
+            .map(|a| a.host_ifname.clone())
+            .chain(self.uplinks.ifaces.iter().map(|(n, _)| n.clone()))
+            .collect();
         for name in datapath.pinned_link_ifnames() {
             if !known.contains(&name) {
                 tracing::info!(link = %name, "removing pinned links of an unknown interface");
@@ -336,6 +350,9 @@ impl State {
 
     /// Releases allocations whose host-side link is gone (a DEL that could not reach us).
     pub async fn reconcile_periodic(&self) {
+        // Health-check ports that could not be bound (taken) are tried again.
+        let want = self.services().health_checks();
+        self.health.sync(want);
         let mut inner = self.lock();
         let ipam = &mut inner.ipam;
         let datapath = &*self.datapath;
@@ -353,6 +370,7 @@ impl State {
 }
 
 fn release_leaked(ipam: &mut Ipam, datapath: &Datapath, a: &Allocation) {
+    link_pod_interfaces(ipam, datapath, &a.container_id, Some(&a.ifname));
     datapath.detach(
         &a.host_ifname,
         a.host_ifindex,

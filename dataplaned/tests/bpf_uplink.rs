@@ -178,6 +178,27 @@ impl Up {
             .unwrap();
     }
 
+    /// The writer's view of an endpoint leaving: its membership goes, then the frontend's
+    /// generation moves on.
+    fn leave(&self, set: u32, addr: Ipv4Addr, port: u16) {
+        let m = ut::member_key {
+            set_id: set,
+            addr: be32(addr),
+            port: port.to_be(),
+            pad: 0,
+        };
+        self.skel.maps.sl_bm_v1.delete(as_bytes(&m)).unwrap();
+    }
+
+    fn bump_gen(&self, k: ut::frontend_key) {
+        let fe = &self.skel.maps.sl_fe_v2;
+        let mut v: ut::frontend_value =
+            from_bytes(&fe.lookup(as_bytes(&k), MapFlags::ANY).unwrap().unwrap());
+        v.r#gen += 1;
+        fe.update(as_bytes(&k), as_bytes(&v), MapFlags::ANY)
+            .unwrap();
+    }
+
     fn run(&self, ingress: bool, pkt: &[u8]) -> (u32, Vec<u8>) {
         let p = if ingress {
             &self.skel.progs.from_net
@@ -409,7 +430,7 @@ fn nodeport_to_a_remote_backend_is_encapsulated_unchanged_to_its_node() {
     assert_eq!(outer_sport(&again), sport, "one flow, one source port");
     let mut tun = Ct::fwd(
         tuple((EXT, CPORT), (NODE_A, NP), TCP),
-        (Ipv4Addr::UNSPECIFIED, 0),
+        (POD, 8080),
         SET,
         ACK,
     );
@@ -420,6 +441,44 @@ fn nodeport_to_a_remote_backend_is_encapsulated_unchanged_to_its_node() {
     assert_eq!(up.reason(ut::reason::REASON_NP_FORWARD), 2);
     let s = up.svc();
     assert_eq!((s.packets, s.forwarded), (2, 2));
+}
+
+#[test]
+fn a_forwarded_udp_flow_whose_backend_left_moves_and_one_whose_backend_stayed_does_not() {
+    const NODE_C: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
+    const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 5);
+    let up = Up::load(NODE_A, false);
+    let k = key_of(Ipv4Addr::UNSPECIFIED, NP, UDP);
+    up.frontend(k, 1, 0, 0, 2);
+    up.backend(SET, 0, POD, 8080, false, NODE_B);
+    let data = wire(Pkt::udp((EXT, CPORT), (NODE_A, NP), b"query"), true);
+    let outer_dst = |f: &[u8]| Ipv4Addr::new(f[30], f[31], f[32], f[33]);
+    let (v, out) = up.run(true, &data.bytes());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(outer_dst(&out), NODE_B);
+    // Another endpoint of the set left (new generation): this flow's backend is still a member.
+    up.bump_gen(k);
+    let (_, out) = up.run(true, &data.bytes());
+    assert_eq!(
+        outer_dst(&out),
+        NODE_B,
+        "a backend still in the set keeps its flows"
+    );
+    // Its backend leaves; the slot now holds one on node C.
+    up.leave(SET, POD, 8080);
+    up.backend(SET, 0, POD_C, 8080, false, NODE_C);
+    up.bump_gen(k);
+    let (v, out) = up.run(true, &data.bytes());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(
+        outer_dst(&out),
+        NODE_C,
+        "kube-proxy's stale-UDP rule: the flow moves to a usable backend's node"
+    );
+    let ct = up.ct();
+    assert_eq!(ct.len(), 1, "{ct:?}");
+    assert_eq!(ct[0].tun, NODE_C);
+    assert_eq!(up.reason(ut::reason::REASON_NP_FORWARD), 3);
 }
 
 #[test]

@@ -786,7 +786,8 @@ fn traffic_policies_local() {
         Svc {
             etp_local: true,
             health_check_node_port: Some(32000),
-            ..Svc::new("etp", "NodePort", "10.96.0.30")
+            // Kubernetes gives a healthCheckNodePort to LoadBalancer Services only.
+            ..Svc::new("etp", "LoadBalancer", "10.96.0.30")
                 .node_port(30085)
                 .ep(&b_be.ip, "node-b")
         },

@@ -19,8 +19,17 @@ use tokio::task::JoinHandle;
 
 use super::model::ServiceKey;
 
-/// What one port answers: the Service and its ready local endpoints.
-type Answers = Arc<Mutex<BTreeMap<u16, (ServiceKey, usize)>>>;
+/// What one health-check port answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub service: ServiceKey,
+    /// Ready endpoints on this node.
+    pub local: usize,
+    /// The maps serve what the objects say (false: the last sync of this Service failed).
+    pub healthy: bool,
+}
+
+type Answers = Arc<Mutex<BTreeMap<u16, Answer>>>;
 
 #[derive(Default)]
 pub struct HealthServers {
@@ -32,7 +41,9 @@ impl HealthServers {
     /// Serves exactly `want` (port → Service, ready local endpoints): new ports are bound, gone
     /// ones closed, the others answer the new counts at once. A port that cannot be bound (taken
     /// by another program) is logged and tried again at the next sync. Needs a tokio runtime.
-    pub fn sync(&self, want: BTreeMap<u16, (ServiceKey, usize)>) {
+    pub fn sync(&self, want: BTreeMap<u16, Answer>) {
+        // Answers first: a port bound below answers its count at once.
+        *self.answers.lock().unwrap_or_else(|p| p.into_inner()) = want.clone();
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         listeners.retain(|port, task| {
             let keep = want.contains_key(port) && !task.is_finished();
@@ -42,7 +53,7 @@ impl HealthServers {
             }
             keep
         });
-        for (port, (svc, _)) in &want {
+        for (port, Answer { service: svc, .. }) in &want {
             if listeners.contains_key(port) {
                 continue;
             }
@@ -52,11 +63,10 @@ impl HealthServers {
                     listeners.insert(*port, tokio::spawn(serve(l, *port, self.answers.clone())));
                 }
                 Err(e) => {
-                    tracing::error!(port, service = %svc, error = %e, "binding a health-check node port")
+                    tracing::error!(port, service = %svc, error = %e, "binding a health-check node port (tried again at the next reconcile)")
                 }
             }
         }
-        *self.answers.lock().unwrap_or_else(|p| p.into_inner()) = want;
     }
 
     /// The ports being served.
@@ -115,24 +125,26 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers) -> std::io::Re
         .unwrap_or_else(|p| p.into_inner())
         .get(&port)
         .cloned();
-    let Some((svc, local)) = found else {
+    let Some(a) = found else {
         return conn
             .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             .await;
     };
-    conn.write_all(&response(&svc, local)).await?;
+    conn.write_all(&response(&a.service, a.local, a.healthy))
+        .await?;
     conn.shutdown().await
 }
 
-/// The HTTP response for a Service with `local` ready endpoints on this node.
-pub fn response(svc: &ServiceKey, local: usize) -> Vec<u8> {
+/// The HTTP response for a Service with `local` ready endpoints on this node (kube-proxy's: 503
+/// when none, or when the proxy is not healthy).
+pub fn response(svc: &ServiceKey, local: usize, healthy: bool) -> Vec<u8> {
     let body = serde_json::json!({
         "service": {"namespace": &*svc.namespace, "name": &*svc.name},
         "localEndpoints": local,
-        "serviceProxyHealthy": true,
+        "serviceProxyHealthy": healthy,
     })
     .to_string();
-    let status = if local > 0 {
+    let status = if local > 0 && healthy {
         "200 OK"
     } else {
         "503 Service Unavailable"
@@ -150,7 +162,7 @@ mod tests {
 
     #[test]
     fn the_answer_is_kube_proxys() {
-        let r = String::from_utf8(response(&ServiceKey::new("default", "web"), 2)).unwrap();
+        let r = String::from_utf8(response(&ServiceKey::new("default", "web"), 2, true)).unwrap();
         let (head, body) = r.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
         assert!(head.contains("\r\nContent-Type: application/json\r\n"));
@@ -161,9 +173,12 @@ mod tests {
             serde_json::json!({"service": {"namespace": "default", "name": "web"},
                 "localEndpoints": 2, "serviceProxyHealthy": true})
         );
-        let r = String::from_utf8(response(&ServiceKey::new("default", "web"), 0)).unwrap();
+        let r = String::from_utf8(response(&ServiceKey::new("default", "web"), 0, true)).unwrap();
         assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
         assert!(r.contains("\"localEndpoints\":0"));
+        let r = String::from_utf8(response(&ServiceKey::new("default", "web"), 3, false)).unwrap();
+        assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+        assert!(r.contains("\"serviceProxyHealthy\":false"));
     }
 
     #[tokio::test]
@@ -176,7 +191,12 @@ mod tests {
             .unwrap()
             .port();
         let svc = ServiceKey::new("ns", "lb");
-        servers.sync(BTreeMap::from([(port, (svc.clone(), 1))]));
+        let answer = |local| Answer {
+            service: svc.clone(),
+            local,
+            healthy: true,
+        };
+        servers.sync(BTreeMap::from([(port, answer(1))]));
         let get = || async {
             let mut c = TcpStream::connect(("127.0.0.1", port)).await?;
             c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -186,7 +206,7 @@ mod tests {
             Ok::<_, std::io::Error>(out)
         };
         assert!(get().await.unwrap().starts_with("HTTP/1.1 200 OK"));
-        servers.sync(BTreeMap::from([(port, (svc.clone(), 0))]));
+        servers.sync(BTreeMap::from([(port, answer(0))]));
         assert!(get().await.unwrap().starts_with("HTTP/1.1 503"));
         servers.sync(BTreeMap::new());
         assert_eq!(servers.ports(), Vec::<u16>::new());

@@ -370,15 +370,20 @@ impl Services {
             .collect()
     }
 
-    /// Syncs the touched Services (and any dirty ones); on failure they are dirty.
-    fn sync(&mut self, touched: Vec<ServiceKey>, maps: &Maps) -> Result<SyncStats, SyncError> {
-        let batch = self.batch(touched);
-        for (k, _) in &batch {
+    /// The health-check answers of the Services in `batch`, as the model has them now.
+    fn refresh_health(&mut self, batch: &[(ServiceKey, ServiceDesired)]) {
+        for (k, _) in batch {
             match self.model.health_of(k) {
                 Some(h) => self.health.insert(k.clone(), h),
                 None => self.health.remove(k),
             };
         }
+    }
+
+    /// Syncs the touched Services (and any dirty ones); on failure they are dirty.
+    fn sync(&mut self, touched: Vec<ServiceKey>, maps: &Maps) -> Result<SyncStats, SyncError> {
+        let batch = self.batch(touched);
+        self.refresh_health(&batch);
         match self.writer.sync(&batch, &mut BpfServiceMaps { maps }) {
             Ok(st) => {
                 self.dirty.clear();
@@ -491,6 +496,7 @@ impl Services {
             (Ok(st), Ok(())) => {
                 self.dirty.clear();
                 self.last_sync = st;
+                self.refresh_health(&batch);
                 if let Err(e) = self.applied.maybe_compact() {
                     tracing::error!(error = %format!("{e:#}"), "compacting the objects log (it stays as it is)");
                 }
@@ -616,7 +622,14 @@ impl Services {
     }
 
     pub fn set_name(&self, svc_id: u32) -> Option<String> {
-        self.writer.set_of(svc_id).map(|(s, p)| format!("{s}:{p}"))
+        let local = if svc_id & writer::LOCAL_SET != 0 {
+            " (local)"
+        } else {
+            ""
+        };
+        self.writer
+            .set_of(writer::base_id(svc_id))
+            .map(|(s, p)| format!("{s}:{p}{local}"))
     }
 
     /// Services as the maps serve them, with per-service counters.
@@ -716,13 +729,20 @@ impl Services {
         out
     }
 
-    /// The health-check node ports wanted now: port → (Service, ready local endpoints), for
-    /// Services with externalTrafficPolicy: Local and a healthCheckNodePort (kube-proxy's). A
-    /// port two Services name goes to the first in namespace/name order.
-    pub fn health_checks(&self) -> BTreeMap<u16, (ServiceKey, usize)> {
+    /// The health-check node ports wanted now: port → (Service, ready local endpoints, whether
+    /// the maps serve what the model says), for LoadBalancer Services with
+    /// externalTrafficPolicy: Local and a healthCheckNodePort (kube-proxy's). A Service whose
+    /// last sync failed is unhealthy (503) until one succeeds: the load balancer must not send
+    /// traffic this node may drop. A port two Services name goes to the first in namespace/name
+    /// order.
+    pub fn health_checks(&self) -> BTreeMap<u16, health::Answer> {
         let mut out = BTreeMap::new();
         for (key, (port, n)) in &self.health {
-            out.entry(*port).or_insert((key.clone(), *n));
+            out.entry(*port).or_insert(health::Answer {
+                service: key.clone(),
+                local: *n,
+                healthy: !self.dirty.contains(key),
+            });
         }
         out
     }

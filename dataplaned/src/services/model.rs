@@ -45,7 +45,8 @@ use serde::Serialize;
 
 pub use super::objects::Proto;
 use super::objects::{
-    AddressType, Kind, ObjectKey, ServicePort, ServiceSpec, SliceSpec, Spec, TargetPort,
+    AddressType, Kind, ObjectKey, ServicePort, ServiceSpec, ServiceType, SliceSpec, Spec,
+    TargetPort,
 };
 use super::{FastMap, FastSet};
 
@@ -353,6 +354,7 @@ impl Model {
     /// Applies changed objects; returns the Services whose desired state may differ (sorted).
     pub fn apply(&mut self, changes: &[Change]) -> Vec<ServiceKey> {
         let mut touched: FastSet<ServiceKey> = FastSet::default();
+        let mut nodes_moved = false;
         for c in changes {
             match c.key.kind {
                 Kind::Service => {
@@ -399,11 +401,12 @@ impl Model {
                             self.nodes.remove(&*c.key.name);
                         }
                     }
-                    if old != new {
-                        touched.extend(self.services.keys().cloned());
-                    }
+                    nodes_moved |= old != new;
                 }
             }
+        }
+        if nodes_moved {
+            touched.extend(self.services.keys().cloned());
         }
         // Frontend claims follow the Services' specs; a change of holder touches both.
         let mut also = Vec::new();
@@ -482,9 +485,10 @@ impl Model {
     pub fn health_of(&self, key: &ServiceKey) -> Option<(u16, usize)> {
         let entry = self.services.get(key)?;
         let spec = entry.service()?;
+        // kube-proxy's NeedsHealthCheck: type LoadBalancer with externalTrafficPolicy Local.
         let port = spec
             .health_check_node_port
-            .filter(|_| spec.external_local)?;
+            .filter(|_| spec.external_local && spec.type_ == ServiceType::LoadBalancer)?;
         let mut local: Vec<Ipv4Addr> = Vec::new();
         for (_, s) in &entry.slices {
             let Spec::EndpointSlice(slice) = &**s else {

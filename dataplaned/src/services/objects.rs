@@ -655,7 +655,28 @@ fn service_spec(s: &Service, who: &Option<String>) -> ServiceSpec {
         ports,
         affinity_timeout,
         external_ips: ipv4s(spec.external_ips.iter().flatten()),
-        load_balancer_ips: ipv4s(lb.into_iter().flatten().filter_map(|i| i.ip.as_ref())),
+        // kube-proxy's rules: only VIP-mode ingress IPs are served on the node (`ipMode: Proxy`
+        // means the load balancer must see the traffic); loadBalancerSourceRanges is not
+        // enforced in BPF yet, so a Service that sets it gets no LoadBalancer frontends at all
+        // (closed rather than open to every client), and is told so in the log.
+        load_balancer_ips: if spec
+            .load_balancer_source_ranges
+            .as_ref()
+            .is_some_and(|r| !r.is_empty())
+        {
+            tracing::warn!(
+                service = who.as_deref().unwrap_or(""),
+                "loadBalancerSourceRanges is not enforced yet: the LoadBalancer IPs of this Service are not served (its ClusterIPs and NodePorts are)"
+            );
+            Vec::new()
+        } else {
+            ipv4s(
+                lb.into_iter()
+                    .flatten()
+                    .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                    .filter_map(|i| i.ip.as_ref()),
+            )
+        },
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         health_check_node_port: spec

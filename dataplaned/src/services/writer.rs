@@ -409,9 +409,12 @@ impl Writer {
     /// that nobody owns and that was not there at start is garbage for the next sync.
     pub fn reload(&mut self, maps: &impl ServiceMaps) -> Result<()> {
         self.mirror = Mirror::load(maps)?;
+        // One past what the maps hold: a failed batch may have removed members whose frontend
+        // (and its generation bump) it never wrote; the next sync writes a new generation so that
+        // UDP flows re-check where they go.
         for ports in self.owned.values_mut() {
             for p in ports {
-                p.gen = p.gen.max(self.mirror.gen_of(&p.frontends));
+                p.gen = p.gen.max(self.mirror.gen_of(&p.frontends)).wrapping_add(1);
             }
         }
         self.garbage_frontends = self
