@@ -1168,14 +1168,19 @@ pub mod fake {
                 if let Some(old) = self.frontends.get(k) {
                     // A gen bump tells UDP flows to re-check membership: the member must be gone.
                     if old.cluster_id == v.cluster_id && old.gen != v.gen {
-                        for s in 0..old.cluster_count {
-                            let b = self.slots[&(old.cluster_id, s)].backend;
-                            let still = (0..v.cluster_count)
-                                .any(|n| self.slots[&(v.cluster_id, n)].backend == b);
-                            assert!(
-                                still || !self.members.contains(&(v.cluster_id, b)),
-                                "gen bumped while the member entry of {b:?} (leaving) still exists"
-                            );
+                        // Both sets: a leaving backend's member entry is gone first.
+                        for (id, old_n, new_n) in [
+                            (v.cluster_id, old.cluster_count, v.cluster_count),
+                            (v.local_id, old.local_count, v.local_count),
+                        ] {
+                            for s in 0..old_n {
+                                let b = self.slots[&(id, s)].backend;
+                                let still = (0..new_n).any(|n| self.slots[&(id, n)].backend == b);
+                                assert!(
+                                    still || !self.members.contains(&(id, b)),
+                                    "gen bumped while the member entry of {b:?} (leaving set {id}) still exists"
+                                );
+                            }
                         }
                     }
                     if old.cluster_id != v.cluster_id {
