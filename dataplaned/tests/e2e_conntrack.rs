@@ -63,26 +63,7 @@ while True:
     c, a = s.accept()
     threading.Thread(target=serve, args=(c, a), daemon=True).start()
 "#;
-    let p = Proc::spawn(
-        "port-echo",
-        ns.command("python3")
-            .args(["-c", script])
-            .stdout(std::process::Stdio::null()),
-    )
-    .unwrap();
-    wait_for("port echo server", Duration::from_secs(10), || {
-        Ok(ns
-            .command("python3")
-            .args([
-                "-c",
-                "import socket; socket.create_connection(('127.0.0.1', 8080), 1).close()",
-            ])
-            .stderr(std::process::Stdio::null())
-            .status()?
-            .success())
-    })
-    .unwrap();
-    p
+    tcp_python_server(ns, "port-echo", script, 8080).unwrap()
 }
 
 /// Runs a python client in `ns` and returns its stdout lines.

@@ -272,23 +272,7 @@ while True:
     threading.Thread(target=serve, args=(c, a), daemon=True).start()
 "#
     );
-    let p = Proc::spawn(
-        "bulk-server",
-        ns.command("python3")
-            .args(["-c", &script])
-            .stdout(Stdio::null()),
-    )?;
-    let probe =
-        format!("import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()");
-    wait_for("bulk server", Duration::from_secs(10), || {
-        Ok(ns
-            .command("python3")
-            .args(["-c", &probe])
-            .stderr(Stdio::null())
-            .status()?
-            .success())
-    })?;
-    Ok(p)
+    tcp_python_server(ns, "bulk-server", &script, port)
 }
 
 /// Runs one bulk exchange (`cmd` "UP"/"DOWN"/"ECHO", `n` bytes) from `ns` to addr:port, checking

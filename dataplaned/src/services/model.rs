@@ -252,6 +252,8 @@ pub struct Model {
     claims: FastMap<FrontendKey, Vec<ServiceKey>>,
     /// Node objects (routes, node addresses and backend placement come from them).
     nodes: BTreeMap<String, Arc<Spec>>,
+    /// What placement needs of each Node, parsed once when it changes.
+    placing: BTreeMap<String, NodePlace>,
     /// This node's name, and the pod CIDR it allocates from (--pod-cidr, or its Node object's).
     local_node: Arc<str>,
     local_cidr: Option<(Ipv4Addr, u8)>,
@@ -280,6 +282,26 @@ fn cidr_holds((net, prefix): (Ipv4Addr, u8), ip: Ipv4Addr) -> bool {
     u32::from(ip) & mask == u32::from(net) & mask
 }
 
+/// A Node as endpoint placement sees it: its InternalIP and pod CIDRs.
+#[derive(Debug, Clone)]
+struct NodePlace {
+    addr: Ipv4Addr,
+    cidrs: Vec<(Ipv4Addr, u8)>,
+}
+
+impl NodePlace {
+    fn of(n: &super::objects::NodeSpec) -> NodePlace {
+        NodePlace {
+            addr: first_v4(n).unwrap_or(Ipv4Addr::UNSPECIFIED),
+            cidrs: n.pod_cidrs.iter().filter_map(|c| parse_cidr(c)).collect(),
+        }
+    }
+
+    fn holds(&self, ip: Ipv4Addr) -> bool {
+        self.cidrs.iter().any(|c| cidr_holds(*c, ip))
+    }
+}
+
 fn node_of(spec: &Spec) -> Option<&super::objects::NodeSpec> {
     match spec {
         Spec::Node(n) => Some(n),
@@ -306,37 +328,23 @@ impl Model {
 
     /// Where an endpoint runs.
     fn place(&self, ip: Ipv4Addr, node: Option<&str>) -> Placement {
-        let own = self.nodes.get(&*self.local_node).and_then(|s| node_of(s));
+        let own = self.placing.get(&*self.local_node);
         let local = match node {
             Some(n) => n == &*self.local_node,
-            None => {
-                let own_cidrs: Vec<(Ipv4Addr, u8)> = own
-                    .map(|n| n.pod_cidrs.iter().filter_map(|c| parse_cidr(c)).collect())
-                    .unwrap_or_default();
-                if own_cidrs.is_empty() {
-                    self.local_cidr.is_some_and(|c| cidr_holds(c, ip))
-                } else {
-                    own_cidrs.iter().any(|c| cidr_holds(*c, ip))
-                }
-            }
+            None => match own.filter(|o| !o.cidrs.is_empty()) {
+                Some(o) => o.holds(ip),
+                None => self.local_cidr.is_some_and(|c| cidr_holds(c, ip)),
+            },
         };
-        let spec = if local {
+        let at = if local {
             own
         } else {
-            node.and_then(|n| self.nodes.get(n))
-                .and_then(|s| node_of(s))
-                .or_else(|| {
-                    self.nodes.values().filter_map(|s| node_of(s)).find(|n| {
-                        n.pod_cidrs
-                            .iter()
-                            .filter_map(|c| parse_cidr(c))
-                            .any(|c| cidr_holds(c, ip))
-                    })
-                })
+            node.and_then(|n| self.placing.get(n))
+                .or_else(|| self.placing.values().find(|n| n.holds(ip)))
         };
         Placement {
             local,
-            node: spec.and_then(first_v4).unwrap_or(Ipv4Addr::UNSPECIFIED),
+            node: at.map_or(Ipv4Addr::UNSPECIFIED, |n| n.addr),
         }
     }
 
@@ -393,12 +401,15 @@ impl Model {
                 Kind::Node => {
                     let old = c.old.as_deref().and_then(node_of);
                     let new = c.new.as_deref().and_then(node_of);
-                    match &c.new {
-                        Some(n) => {
+                    match (&c.new, new) {
+                        (Some(n), Some(spec)) => {
                             self.nodes.insert(c.key.name.to_string(), n.clone());
+                            self.placing
+                                .insert(c.key.name.to_string(), NodePlace::of(spec));
                         }
-                        None => {
+                        _ => {
                             self.nodes.remove(&*c.key.name);
+                            self.placing.remove(&*c.key.name);
                         }
                     }
                     nodes_moved |= old != new;

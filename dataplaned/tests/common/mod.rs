@@ -93,16 +93,8 @@ impl SluiceNode {
         Ok(node)
     }
 
-    pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("sluiced.sock")
-    }
-
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
-    }
-
-    pub fn netconf_dir(&self) -> PathBuf {
-        self.dir.path().join("net.d")
     }
 
     /// The plugin's own config object (for direct invocations).
@@ -167,10 +159,6 @@ impl SluiceNode {
         Ok(())
     }
 
-    pub fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sluiced.log")).unwrap_or_default()
-    }
-
     pub fn kill9_daemon(&mut self) {
         if let Some(mut d) = self.daemon.take() {
             d.kill9();
@@ -187,38 +175,6 @@ impl SluiceNode {
             }
         }
         Ok(())
-    }
-
-    /// cnitool VERB for `pod` inside the node netns.
-    pub fn cnitool(&self, verb: &str, pod: &Netns) -> Output {
-        self.ns
-            .command("cnitool")
-            .args([verb, "sluice"])
-            .arg(pod.path())
-            .env(
-                "CNI_PATH",
-                format!("{}:/usr/lib/cni", plugin_dir().display()),
-            )
-            .env("NETCONFPATH", self.netconf_dir())
-            .output()
-            .expect("running cnitool")
-    }
-
-    /// Creates a pod netns and ADDs it with cnitool.
-    pub fn add_pod(&self) -> Result<Pod> {
-        let ns = Netns::new("p")?;
-        let out = self.cnitool("add", &ns);
-        if !out.status.success() {
-            bail!(
-                "cnitool add failed: {}{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                self.daemon_log()
-            );
-        }
-        let result: Value = serde_json::from_slice(&out.stdout).context("cnitool add output")?;
-        let ip = result_ip(&out.stdout);
-        Ok(Pod { ns, ip, result })
     }
 
     /// Runs the plugin binary directly (our own runtime): for verbs and IDs cnitool cannot do.
@@ -270,10 +226,54 @@ impl SluiceNode {
             }),
         }
     }
+}
 
-    pub fn sluicectl(&self, args: &[&str]) -> Result<Output> {
+/// What the tests do with a node's daemon and CNI, for a single node ([`SluiceNode`]) and the
+/// nodes of a multi-node cluster alike: implementors say where things are.
+pub trait NodeApi {
+    /// The node's name (in messages).
+    fn name(&self) -> &str;
+    fn netns(&self) -> &Netns;
+    fn socket(&self) -> PathBuf;
+    fn netconf_dir(&self) -> PathBuf;
+    fn daemon_log(&self) -> String;
+
+    /// cnitool VERB for `pod` inside the node netns.
+    fn cnitool(&self, verb: &str, pod: &Netns) -> Output {
+        self.netns()
+            .command("cnitool")
+            .args([verb, "sluice"])
+            .arg(pod.path())
+            .env(
+                "CNI_PATH",
+                format!("{}:/usr/lib/cni", plugin_dir().display()),
+            )
+            .env("NETCONFPATH", self.netconf_dir())
+            .output()
+            .expect("running cnitool")
+    }
+
+    /// Creates a pod netns and ADDs it with cnitool (the real plugin) on this node.
+    fn add_pod(&self) -> Result<Pod> {
+        let ns = Netns::new("p")?;
+        let out = self.cnitool("add", &ns);
+        if !out.status.success() {
+            bail!(
+                "cnitool add on {} failed: {}{}\n{}",
+                self.name(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.daemon_log()
+            );
+        }
+        let result: Value = serde_json::from_slice(&out.stdout).context("cnitool add output")?;
+        let ip = result_ip(&out.stdout);
+        Ok(Pod { ns, ip, result })
+    }
+
+    fn sluicectl(&self, args: &[&str]) -> Result<Output> {
         run(self
-            .ns
+            .netns()
             .command(SLUICECTL)
             .arg("--socket")
             .arg(self.socket())
@@ -281,18 +281,18 @@ impl SluiceNode {
     }
 
     /// `sluicectl apply -f -` with `yaml` on stdin.
-    pub fn apply(&self, yaml: &str) -> Result<Output> {
+    fn apply(&self, yaml: &str) -> Result<Output> {
         self.objects("apply", yaml)
     }
 
-    pub fn delete(&self, yaml: &str) -> Result<Output> {
+    fn delete(&self, yaml: &str) -> Result<Output> {
         self.objects("delete", yaml)
     }
 
     fn objects(&self, verb: &str, yaml: &str) -> Result<Output> {
         use std::io::Write;
         let mut child = self
-            .ns
+            .netns()
             .command(SLUICECTL)
             .arg("--socket")
             .arg(self.socket())
@@ -305,21 +305,40 @@ impl SluiceNode {
         let out = child.wait_with_output()?;
         if !out.status.success() {
             bail!(
-                "sluicectl {verb} failed: {}",
+                "sluicectl {verb} on {} failed: {}",
+                self.name(),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
         Ok(out)
     }
 
-    pub fn get_json(&self, what: &str) -> Result<Value> {
+    fn get_json(&self, what: &str) -> Result<Value> {
         let out = self.sluicectl(&["get", what, "-o", "json"])?;
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    pub fn status_json(&self) -> Result<Value> {
+    fn status_json(&self) -> Result<Value> {
         let out = self.sluicectl(&["status", "-o", "json"])?;
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl NodeApi for SluiceNode {
+    fn name(&self) -> &str {
+        "test-node"
+    }
+    fn netns(&self) -> &Netns {
+        &self.ns
+    }
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("sluiced.sock")
+    }
+    fn netconf_dir(&self) -> PathBuf {
+        self.dir.path().join("net.d")
+    }
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sluiced.log")).unwrap_or_default()
     }
 }
 
@@ -366,15 +385,20 @@ while True:
     threading.Thread(target=serve, args=(c, a), daemon=True).start()
 "#
     );
+    tcp_python_server(ns, "echo-server", &script, port)
+}
+
+/// Runs the python TCP server `script` in `ns` and waits until it accepts on `port`.
+pub fn tcp_python_server(ns: &Netns, name: &str, script: &str, port: u16) -> Result<Proc> {
     let p = Proc::spawn(
-        "echo-server",
+        name,
         ns.command("python3")
-            .args(["-c", &script])
+            .args(["-c", script])
             .stdout(Stdio::null()),
     )?;
     let probe =
         format!("import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()");
-    wait_for("echo server", Duration::from_secs(10), || {
+    wait_for(name, Duration::from_secs(10), || {
         Ok(ns
             .command("python3")
             .args(["-c", &probe])

@@ -17,15 +17,14 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::common::{
-    plugin_dir, require_root, result_ip, run, unique, wait_for, Netns, Pod, Proc, TempDir,
-    SLUICECTL, SLUICED,
+    require_root, run, unique, wait_for, Netns, NodeApi, Proc, TempDir, SLUICECTL, SLUICED,
 };
 
 pub const FABRIC_NET: &str = "192.168.77";
@@ -51,20 +50,11 @@ pub struct MNode {
 }
 
 impl MNode {
-    pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("sluiced.sock")
-    }
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
-    pub fn netconf_dir(&self) -> PathBuf {
-        self.dir.path().join("net.d")
-    }
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("sluiced.log")
-    }
-    pub fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     fn write_conflist(&self) -> Result<()> {
@@ -140,94 +130,28 @@ impl MNode {
         Ok(())
     }
 
-    pub fn cnitool(&self, verb: &str, pod: &Netns) -> Output {
-        self.ns
-            .command("cnitool")
-            .args([verb, "sluice"])
-            .arg(pod.path())
-            .env(
-                "CNI_PATH",
-                format!("{}:/usr/lib/cni", plugin_dir().display()),
-            )
-            .env("NETCONFPATH", self.netconf_dir())
-            .output()
-            .expect("running cnitool")
-    }
-
-    /// A pod netns ADDed with cnitool (the real plugin) on this node.
-    pub fn add_pod(&self) -> Result<Pod> {
-        let ns = Netns::new("p")?;
-        let out = self.cnitool("add", &ns);
-        if !out.status.success() {
-            bail!(
-                "cnitool add on {} failed: {}{}\n{}",
-                self.name,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                self.daemon_log()
-            );
-        }
-        let result: Value = serde_json::from_slice(&out.stdout).context("cnitool add output")?;
-        let ip = result_ip(&out.stdout);
-        Ok(Pod { ns, ip, result })
-    }
-
-    pub fn sluicectl(&self, args: &[&str]) -> Result<Output> {
-        run(self
-            .ns
-            .command(SLUICECTL)
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args))
-    }
-
-    /// `sluicectl apply -f -` with `yaml` on stdin.
-    pub fn apply(&self, yaml: &str) -> Result<Output> {
-        self.objects("apply", yaml)
-    }
-
-    pub fn delete(&self, yaml: &str) -> Result<Output> {
-        self.objects("delete", yaml)
-    }
-
-    fn objects(&self, verb: &str, yaml: &str) -> Result<Output> {
-        use std::io::Write;
-        let mut child = self
-            .ns
-            .command(SLUICECTL)
-            .arg("--socket")
-            .arg(self.socket())
-            .args([verb, "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child.stdin.take().unwrap().write_all(yaml.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "sluicectl {verb} on {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(out)
-    }
-
-    pub fn get_json(&self, what: &str) -> Result<Value> {
-        let out = self.sluicectl(&["get", what, "-o", "json"])?;
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-
-    pub fn status_json(&self) -> Result<Value> {
-        let out = self.sluicectl(&["status", "-o", "json"])?;
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-
     /// `ip route show proto 197` (sluice's routes) in the node netns.
     pub fn sluice_routes(&self) -> Result<String> {
         let out = self.ns.ip(&["route", "show", "proto", "197"])?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl NodeApi for MNode {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn netns(&self) -> &Netns {
+        &self.ns
+    }
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("sluiced.sock")
+    }
+    fn netconf_dir(&self) -> PathBuf {
+        self.dir.path().join("net.d")
+    }
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 }
 
