@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::fx::{self, Netns};
 use crate::modes::{self, Mode};
 use crate::rules::{self, Svc};
-use crate::topo::{Node, SingleNode, Topology, CLIENT_CPUS, SERVER_PORT};
+use crate::topo::{Node, SingleNode, TwoNode, CLIENT_CPUS, SERVER_PORT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Fig {
@@ -61,6 +61,8 @@ pub struct Cfg {
     pub rounds: usize,
     pub seconds: f64,
     pub services: Vec<usize>,
+    /// N of the NodePort figure (all of `services`; the smallest one with --quick).
+    pub nodeport_services: Vec<usize>,
     pub modes: Vec<Mode>,
     pub figures: BTreeSet<Fig>,
     /// Client pods (source addresses) and connection threads per client pod.
@@ -212,9 +214,6 @@ pub fn dataplane(cfg: &Cfg, res: &mut Results) -> Result<()> {
             for (pos, mode) in rotated(&modes, round + k).into_iter().enumerate() {
                 eprintln!("  [dataplane] round {round} N={n} {}", mode.name());
                 let topo = SingleNode::new(cfg.clients)?;
-                if let Err(why) = topo.nodeport() {
-                    res.v["nodeport"] = json!(why);
-                }
                 let be: Vec<String> = topo.backends().iter().map(|p| p.ip.clone()).collect();
                 let direct: Vec<SocketAddr> = be
                     .iter()
@@ -239,14 +238,104 @@ pub fn dataplane(cfg: &Cfg, res: &mut Results) -> Result<()> {
                     }
                     let vip: SocketAddr =
                         format!("{}:{}", rules::vip(n - 1), rules::SVC_PORT).parse()?;
-                    // The non-service path first: after service flows, sluice's conntrack
-                    // still holds their reverse entries (RST: 10 s), and a direct connection
-                    // from a reused client port to the same backend gets its replies rewritten
-                    // to the VIP (a product bug, see bench/README.md).
+                    // The non-service path first, with the rules loaded but no service flows
+                    // in any conntrack table yet.
                     rec["direct_loaded"] = trial(cfg, &topo, &direct)?;
                     rec["service"] = trial(cfg, &topo, &[vip])?;
                 }
                 res.push("dataplane", rec);
+                res.save()?;
+            }
+            k += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Connection rate from the external clients of `t` to `targets`, both nodes' netfilter
+/// conntrack flushed first.
+fn np_conn(cfg: &Cfg, t: &TwoNode, targets: &[SocketAddr]) -> Result<Value> {
+    for n in t.nodes() {
+        n.flush_conntrack();
+    }
+    let clients: Vec<String> = t
+        .clients
+        .iter()
+        .map(|p| p.ns.path().display().to_string())
+        .collect();
+    let tl: Vec<String> = targets.iter().map(|a| a.to_string()).collect();
+    client(&[
+        "conn".into(),
+        "--netns".into(),
+        clients.join(","),
+        "--targets".into(),
+        tl.join(","),
+        "--threads".into(),
+        cfg.threads.to_string(),
+        "--seconds".into(),
+        cfg.seconds.to_string(),
+        "--warmup".into(),
+        warmup(cfg).to_string(),
+    ])
+}
+
+/// Figure 1, NodePort: per round, per N, per mode (rotated), a fresh two-node topology; the
+/// direct anchors (the external clients straight to the backend pods of node A, "local", and
+/// of node B, "remote", through the node's routing); the mode's services programmed on both
+/// nodes; then node A's NodePorts, one with A's pods as backends, one with B's. Connection rate.
+pub fn nodeport(cfg: &Cfg, res: &mut Results) -> Result<()> {
+    fx::set_timeout(Duration::from_secs_f64(cfg.setup_timeout));
+    let modes = measured_modes(cfg);
+    let to = |ips: &[String], port: u16| -> Vec<SocketAddr> {
+        ips.iter()
+            .map(|ip| format!("{ip}:{port}").parse().unwrap())
+            .collect()
+    };
+    let mut k = 0;
+    for round in 0..cfg.rounds {
+        for &n in &cfg.nodeport_services {
+            for (pos, mode) in rotated(&modes, round + k).into_iter().enumerate() {
+                eprintln!("  [nodeport] round {round} N={n} {}", mode.name());
+                let t = TwoNode::new(cfg.clients)?;
+                let ips = |node: &Node| -> Vec<String> {
+                    node.pods.iter().map(|p| p.ip.clone()).collect()
+                };
+                let (local, remote) = (ips(&t.a), ips(&t.b));
+                let mut rec = json!({"round": round, "n": n, "mode": mode.name(), "position": pos,
+                    "clients": t.clients.len(), "threads_per_client": cfg.threads,
+                    "node": TwoNode::A_IP});
+                rec["anchor_local"] = np_conn(cfg, &t, &to(&local, SERVER_PORT))?;
+                rec["anchor_remote"] = np_conn(cfg, &t, &to(&remote, SERVER_PORT))?;
+                if mode != Mode::Direct {
+                    let svcs = rules::nodeport_services(n, &local, &remote, SERVER_PORT);
+                    rec["services"] = json!(svcs.len());
+                    rec["node_ports"] =
+                        json!(svcs.iter().filter(|s| s.node_port.is_some()).count());
+                    let mut programmed = true;
+                    for (node, key) in [(&t.a, "program_ms"), (&t.b, "program_b_ms")] {
+                        let apply = |y: &str| node.sluicectl_objects("apply", y);
+                        let took =
+                            modes::program(mode, &node.ns, &svcs, Some(&apply), &node.work.path);
+                        programmed = programmed && step(&mut rec, key, took)?;
+                    }
+                    if !programmed {
+                        rec["skipped"] = json!(format!(
+                            "programming {} services took more than {} s",
+                            svcs.len(),
+                            cfg.setup_timeout
+                        ));
+                        res.push("nodeport", rec);
+                        res.save()?;
+                        continue;
+                    }
+                    let port = |name: &str| svcs.iter().find(|s| s.name == name).unwrap().node_port;
+                    let front = |name: &str| -> Result<SocketAddr> {
+                        Ok(format!("{}:{}", TwoNode::A_IP, port(name).unwrap()).parse()?)
+                    };
+                    rec["service_local"] = np_conn(cfg, &t, &[front("local")?])?;
+                    rec["service_remote"] = np_conn(cfg, &t, &[front("remote")?])?;
+                }
+                res.push("nodeport", rec);
                 res.save()?;
             }
             k += 1;

@@ -244,6 +244,11 @@ fn run(a: RunArgs) -> Result<i32> {
     let cfg = Cfg {
         rounds: a.rounds.unwrap_or(if q { 1 } else { 5 }),
         seconds: a.seconds.unwrap_or(if q { 0.3 } else { 5.0 }),
+        nodeport_services: if q {
+            services.iter().copied().min().into_iter().collect()
+        } else {
+            services.clone()
+        },
         services,
         modes: modes.clone(),
         figures: figures.clone(),
@@ -263,12 +268,11 @@ fn run(a: RunArgs) -> Result<i32> {
         "date": date,
         "machine": machine(),
         "config": {"command": a.command, "rounds": cfg.rounds, "seconds": cfg.seconds,
-            "services": cfg.services, "modes": modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            "services": cfg.services, "nodeport_services": cfg.nodeport_services, "modes": modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "figures": figures.iter().map(|f| f.name()).collect::<Vec<_>>(), "quick": q,
             "clients": cfg.clients, "threads": cfg.threads, "cni_pods": cfg.cni_pods,
             "mem_pods": cfg.mem_pods, "mem_services": cfg.mem_services, "timeout_s": a.timeout, "setup_timeout_s": a.setup_timeout},
         "ipvs": modes::ipvs_status(),
-        "nodeport": "n/a: needs multi-node (issue 8)",
     });
     let mut res = Results::new(cfg.json.clone(), head);
     res.save()?;
@@ -279,6 +283,11 @@ fn run(a: RunArgs) -> Result<i32> {
         ("bpf", figures.contains(&Fig::Bpf), figs::bpf),
         ("prog", figures.contains(&Fig::Prog), figs::prog),
         ("conn/rr", dp, figs::dataplane),
+        (
+            "conn nodeport",
+            figures.contains(&Fig::Conn),
+            figs::nodeport,
+        ),
         ("cni", figures.contains(&Fig::Cni), figs::cni),
         ("mem", figures.contains(&Fig::Mem), figs::mem),
     ];
@@ -304,9 +313,24 @@ fn run(a: RunArgs) -> Result<i32> {
     let mut missing = vec![];
     for f in &figures {
         let ok = match f {
-            Fig::Conn => res.v["dataplane"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|r| r["anchor"]["conn"]["rate"].is_number())),
+            Fig::Conn => {
+                let rate = |key: &str, field: &str| {
+                    res.v[key]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|r| r[field]["conn"]["rate"].is_number()))
+                };
+                let np = |field: &str| {
+                    res.v["nodeport"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|r| r[field]["rate"].is_number()))
+                };
+                let svc = modes.iter().any(|m| *m != Mode::Direct);
+                rate("dataplane", "anchor")
+                    && (!svc || rate("dataplane", "service"))
+                    && np("anchor_local")
+                    && np("anchor_remote")
+                    && (!svc || (np("service_local") && np("service_remote")))
+            }
             Fig::Rr => res.v["dataplane"]
                 .as_array()
                 .is_some_and(|a| a.iter().any(|r| r["anchor"]["rr"]["p50_us"].is_number())),

@@ -58,6 +58,98 @@ fn collect(recs: &[&Value], g: impl Fn(&Value) -> Option<f64>) -> Option<Summary
     summary(&recs.iter().filter_map(|r| g(r)).collect::<Vec<_>>())
 }
 
+/// Figure 1, NodePort: connection rates from the external clients, per (N, mode).
+fn nodeport_table(s: &mut String, res: &Value) {
+    let Some(recs) = res["nodeport"].as_array() else {
+        return;
+    };
+    let mut groups: BTreeMap<(u64, usize, String), Vec<&Value>> = BTreeMap::new();
+    for r in recs {
+        let mode = r["mode"].as_str().unwrap_or("").to_string();
+        groups
+            .entry((r["n"].as_u64().unwrap_or(0), mode_rank(&mode), mode))
+            .or_default()
+            .push(r);
+    }
+    let rate = |r: &Value, k: &str| f(&r[k]["rate"]);
+    let nft_rate = |n: u64, round: Option<u64>, k: &str| -> Option<f64> {
+        recs.iter().find_map(|r| {
+            (r["n"].as_u64() == Some(n)
+                && r["mode"] == "iptables-nft"
+                && r["round"].as_u64() == round)
+                .then(|| rate(r, k))
+                .flatten()
+        })
+    };
+    let _ = writeln!(
+        s,
+        "## 1b. New connections to a NodePort from external clients (two nodes)
+"
+    );
+    let _ = writeln!(s, "External clients ({} hosts × {} threads, CPU 0) on a bridge with node A and node B connect to node A's address: \"local\" is a NodePort whose two backends are pods on node A, \"remote\" one whose two backends are on node B (externalTrafficPolicy Cluster: kube-proxy masquerades, sluice answers from node B directly, DSR). The anchors are the same clients connecting straight to the backend pods (routed through node A, or node B), no rules loaded, in the same topology just before. N background services (the last 2000 of them NodePorts) plus the two measured, which are last in KUBE-SERVICES and KUBE-NODEPORTS.\n",
+        recs[0]["clients"], recs[0]["threads_per_client"]);
+    let _ = writeln!(s, "| N | mode | direct local conn/s | NodePort local conn/s | local / direct | direct remote conn/s | NodePort remote conn/s | remote / direct | local / iptables-nft | remote / iptables-nft | errors |\n|---|---|---|---|---|---|---|---|---|---|---|");
+    for ((n, _, mode), rs) in &groups {
+        let al = collect(rs, |r| rate(r, "anchor_local"));
+        let sl = collect(rs, |r| rate(r, "service_local"));
+        let rl = collect(rs, |r| {
+            ratio(rate(r, "service_local"), rate(r, "anchor_local"))
+        });
+        let ar = collect(rs, |r| rate(r, "anchor_remote"));
+        let sr = collect(rs, |r| rate(r, "service_remote"));
+        let rr = collect(rs, |r| {
+            ratio(rate(r, "service_remote"), rate(r, "anchor_remote"))
+        });
+        let vs = |k: &'static str| {
+            if mode == "iptables-nft" {
+                return "1".to_string();
+            }
+            fmt_sum(
+                &collect(rs, |r| {
+                    ratio(rate(r, k), nft_rate(*n, r["round"].as_u64(), k))
+                }),
+                2,
+            )
+        };
+        let errors: u64 = rs
+            .iter()
+            .flat_map(|r| {
+                [
+                    "anchor_local",
+                    "anchor_remote",
+                    "service_local",
+                    "service_remote",
+                ]
+                .map(|k| r[k]["errors"].as_u64().unwrap_or(0))
+            })
+            .sum();
+        let _ = writeln!(
+            s,
+            "| {n} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {errors} |",
+            fmt_sum(&al, 0),
+            fmt_sum(&sl, 0),
+            fmt_sum(&rl, 3),
+            fmt_sum(&ar, 0),
+            fmt_sum(&sr, 0),
+            fmt_sum(&rr, 3),
+            vs("service_local"),
+            vs("service_remote"),
+        );
+    }
+    for r in recs {
+        if let Some(why) = r["skipped"].as_str() {
+            let _ = writeln!(
+                s,
+                "\n- round {} N={} {}: skipped, {why}",
+                r["round"],
+                r["n"],
+                r["mode"].as_str().unwrap_or("")
+            );
+        }
+    }
+    s.push('\n');
+}
+
 /// The service rate of `mode` at N in `round`.
 fn svc_rate(res: &Value, n: u64, mode: &str, round: u64) -> Option<f64> {
     res["dataplane"].as_array()?.iter().find_map(|r| {
@@ -117,11 +209,6 @@ pub fn markdown(res: &Value) -> String {
     );
     let _ = writeln!(s, "Values are medians over rounds; ± is half the min–max range over rounds, relative to the median. Ratios are formed per round (same round, same topology for the direct anchor), then summarised.\n");
     let _ = writeln!(s, "- IPVS: {}", res["ipvs"].as_str().unwrap_or("?"));
-    let _ = writeln!(
-        s,
-        "- NodePort figures: {}",
-        res["nodeport"].as_str().unwrap_or("?")
-    );
     if let Some(errs) = res["errors"].as_array() {
         for e in errs {
             let _ = writeln!(s, "- **error**: {}", e.as_str().unwrap_or(""));
@@ -205,12 +292,10 @@ pub fn markdown(res: &Value) -> String {
                 );
             }
         }
-        let _ = writeln!(
-            s,
-            "\nNodePort (external client, local and remote backend): {}\n",
-            res["nodeport"].as_str().unwrap_or("n/a")
-        );
-
+        s.push('\n');
+    }
+    nodeport_table(&mut s, res);
+    if !groups.is_empty() {
         let _ = writeln!(s, "## 2. Request/response on a persistent connection (64 bytes, one in flight) and one TCP stream\n");
         let _ = writeln!(s, "| N | mode | direct p50 µs | service p50 µs | p50 service/direct | direct p99 µs | service p99 µs | p99 service/direct | p99 direct-loaded/direct | stream direct Gbit/s | stream service Gbit/s | service/direct |\n|---|---|---|---|---|---|---|---|---|---|---|---|");
         for ((n, _, mode), recs) in &groups {

@@ -35,6 +35,8 @@ pub struct Svc {
     pub port: u16,
     pub target: u16,
     pub endpoints: Vec<String>,
+    /// type NodePort with this nodePort (externalTrafficPolicy Cluster), else ClusterIP.
+    pub node_port: Option<u16>,
 }
 
 /// The i-th service address: 10.96.0.0/12 from 10.96.0.1 on.
@@ -52,8 +54,34 @@ pub fn services(n: usize, endpoints: &[String], target: u16) -> Vec<Svc> {
             port: SVC_PORT,
             target,
             endpoints: endpoints.to_vec(),
+            node_port: None,
         })
         .collect()
+}
+
+/// The first port of kube-apiserver's default --service-node-port-range (30000-32767).
+pub const NODE_PORT_BASE: u16 = 30000;
+/// NodePort services in the NodePort figure: the range holds 2768 per protocol.
+pub const NODE_PORTS_MAX: usize = 2000;
+
+/// The NodePort figure's services, n + 1 of them: n - 1 background services, then the two
+/// measured ones, "remote" (the `remote` endpoints, nodePort 30001) and "local" (the `local`
+/// endpoints, nodePort 30000), last in KUBE-SERVICES and KUBE-NODEPORTS. The last
+/// min(n, NODE_PORTS_MAX) + 1 services are NodePorts (the range holds 2768 per protocol), the
+/// others ClusterIP with the `local` endpoints.
+pub fn nodeport_services(n: usize, local: &[String], remote: &[String], target: u16) -> Vec<Svc> {
+    let mut v = services(n + 1, local, target);
+    let with_port = n.min(NODE_PORTS_MAX) + 1;
+    let first = v.len() - with_port;
+    for (k, svc) in v[first..].iter_mut().enumerate() {
+        // Descending, so the measured ones (the last two) get the range's first ports.
+        svc.node_port = Some(NODE_PORT_BASE + (with_port - 1 - k) as u16);
+    }
+    let last = v.len() - 1;
+    v[last - 1].endpoints = remote.to_vec();
+    v[last - 1].name = "remote".into();
+    v[last].name = "local".into();
+    v
 }
 
 impl Svc {
@@ -66,6 +94,9 @@ impl Svc {
     pub fn svc_chain(&self) -> String {
         format!("KUBE-SVC-{}", hash16(&format!("{}tcp", self.port_name())))
     }
+    pub fn ext_chain(&self) -> String {
+        format!("KUBE-EXT-{}", hash16(&format!("{}tcp", self.port_name())))
+    }
     pub fn sep_chain(&self, e: &str) -> String {
         format!(
             "KUBE-SEP-{}",
@@ -77,6 +108,9 @@ impl Svc {
     }
     pub fn nft_svc_chain(&self) -> String {
         format!("service-{}", self.nft_base())
+    }
+    pub fn nft_ext_chain(&self) -> String {
+        format!("external-{}", self.nft_base())
     }
     pub fn nft_ep_chain(&self, e: &str) -> String {
         format!(
@@ -180,6 +214,9 @@ fn ipt_filter() -> &'static str {
 
 fn ipt_svc_chains(s: &mut String, svc: &Svc) {
     let _ = writeln!(s, ":{} - [0:0]", svc.svc_chain());
+    if svc.node_port.is_some() {
+        let _ = writeln!(s, ":{} - [0:0]", svc.ext_chain());
+    }
     for e in &svc.endpoints {
         let _ = writeln!(s, ":{} - [0:0]", svc.sep_chain(e));
     }
@@ -209,6 +246,15 @@ fn ipt_svc_rules(s: &mut String, svc: &Svc) {
                 svc.sep_chain(e)
             );
         }
+    }
+    if svc.node_port.is_some() {
+        // externalTrafficPolicy Cluster: every external packet is masqueraded.
+        let ext = svc.ext_chain();
+        let _ = writeln!(
+            s,
+            "-A {ext} -m comment --comment \"masquerade traffic for {pn} external destinations\" -j KUBE-MARK-MASQ"
+        );
+        let _ = writeln!(s, "-A {ext} -j {chain}");
     }
     for e in &svc.endpoints {
         let sep = svc.sep_chain(e);
@@ -247,6 +293,16 @@ fn ipt_top_rules(s: &mut String, svcs: &[Svc]) {
         );
     }
     s.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+    for svc in svcs {
+        if let Some(np) = svc.node_port {
+            let _ = writeln!(
+                s,
+                "-A KUBE-NODEPORTS -m comment --comment {} -m tcp -p tcp --dport {np} -j {}",
+                svc.port_name(),
+                svc.ext_chain()
+            );
+        }
+    }
 }
 
 /// kube-proxy's full sync: both tables whole (every chain declared, so flushed and rewritten),
@@ -301,6 +357,9 @@ pub fn iptables_chains(svcs: &[Svc]) -> Vec<String> {
     let mut v = vec![];
     for svc in svcs {
         v.push(svc.svc_chain());
+        if svc.node_port.is_some() {
+            v.push(svc.ext_chain());
+        }
         for e in &svc.endpoints {
             v.push(svc.sep_chain(e));
         }
@@ -395,6 +454,19 @@ fn nft_svc(s: &mut String, svc: &Svc, with_element: bool) {
     }
     let _ = writeln!(s, "add chain {T} {chain}");
     let _ = writeln!(s, "flush chain {T} {chain}");
+    if let Some(np) = svc.node_port {
+        let ext = svc.nft_ext_chain();
+        let _ = writeln!(s, "add chain {T} {ext}");
+        let _ = writeln!(s, "flush chain {T} {ext}");
+        let _ = writeln!(s, "add rule {T} {ext} jump mark-for-masquerade");
+        let _ = writeln!(s, "add rule {T} {ext} goto {chain}");
+        if with_element {
+            let _ = writeln!(
+                s,
+                "add element {T} service-nodeports {{ tcp . {np} : goto {ext} }}"
+            );
+        }
+    }
     if with_element {
         let _ = writeln!(
             s,
@@ -468,6 +540,9 @@ pub fn nft_chains(svcs: &[Svc]) -> Vec<String> {
     let mut v = vec![];
     for svc in svcs {
         v.push(svc.nft_svc_chain());
+        if svc.node_port.is_some() {
+            v.push(svc.nft_ext_chain());
+        }
         for e in &svc.endpoints {
             v.push(svc.nft_ep_chain(e));
         }
@@ -479,8 +554,12 @@ pub fn nft_chains(svcs: &[Svc]) -> Vec<String> {
 // sluice
 
 pub fn k8s_service(svc: &Svc) -> String {
+    let (ty, np) = match svc.node_port {
+        Some(np) => ("NodePort", format!(", nodePort: {np}")),
+        None => ("ClusterIP", String::new()),
+    };
     format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {NAMESPACE}}}\nspec: {{clusterIP: {}, ports: [{{name: p, port: {}, targetPort: {}, protocol: TCP}}]}}\n",
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {NAMESPACE}}}\nspec: {{type: {ty}, clusterIP: {}, ports: [{{name: p, port: {}, targetPort: {}, protocol: TCP{np}}}]}}\n",
         svc.name, svc.vip, svc.port, svc.target
     )
 }
@@ -532,5 +611,46 @@ mod tests {
         assert!(rules[2].contains(&svcs[2].svc_chain()));
         assert!(rules[3].contains("KUBE-NODEPORTS"));
         assert!(text.contains("--probability 0.5000000000"));
+    }
+
+    #[test]
+    fn nodeport_services_measure_the_last_two() {
+        let (l, r) = (
+            vec!["10.244.1.5".to_string()],
+            vec!["10.244.2.5".to_string()],
+        );
+        let svcs = nodeport_services(3, &l, &r, 8080);
+        assert_eq!(svcs.len(), 4);
+        let ports: Vec<Option<u16>> = svcs.iter().map(|s| s.node_port).collect();
+        assert_eq!(ports, [Some(30003), Some(30002), Some(30001), Some(30000)]);
+        assert_eq!((svcs[2].name.as_str(), &svcs[2].endpoints), ("remote", &r));
+        assert_eq!((svcs[3].name.as_str(), &svcs[3].endpoints), ("local", &l));
+        let text = iptables_full(&svcs, &[]);
+        let np: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-NODEPORTS"))
+            .collect();
+        assert_eq!(np.len(), 4);
+        assert!(np[3].contains("--dport 30000") && np[3].contains(&svcs[3].ext_chain()));
+        assert!(text.contains(&format!(
+            "-A {} -j {}",
+            svcs[3].ext_chain(),
+            svcs[3].svc_chain()
+        )));
+        let nft = nft_full(&svcs, &[]);
+        assert!(nft.contains(&format!(
+            "service-nodeports {{ tcp . 30000 : goto {} }}",
+            svcs[3].nft_ext_chain()
+        )));
+        let many = nodeport_services(5000, &l, &r, 8080);
+        assert_eq!(
+            many.iter().filter(|s| s.node_port.is_some()).count(),
+            NODE_PORTS_MAX + 1
+        );
+        assert!(
+            k8s_service(&many[5000]).contains("type: NodePort")
+                && k8s_service(&many[5000]).contains("nodePort: 30000")
+        );
+        assert!(k8s_service(&many[0]).contains("type: ClusterIP"));
     }
 }

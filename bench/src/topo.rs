@@ -2,8 +2,8 @@
 //! pods created through sluice's own CNI plugin with cnitool (so pods are identical in every
 //! mode), servers in backend pods.
 //!
-//! NodePort figures need a second node and an external client (issue 8): `Topology` is the seam
-//! where a two-node variant plugs in; `SingleNode` answers `nodeport()` with "n/a".
+//! NodePort figures run in `TwoNode`: two such nodes and external clients on a bridge, the
+//! shape of the multi-node tests (dataplaned/tests/multinode).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -34,15 +34,27 @@ pub struct Node {
     pub ns: Netns,
     pub bpffs: PathBuf,
     pub extra_args: Vec<String>,
+    pub name: String,
+    pub pod_cidr: String,
+    /// `--nodeport-iface IF --node-ip IP` once the node is on a fabric (also for --cleanup).
+    pub uplink_args: Vec<String>,
 }
 
 impl Node {
+    /// A single node ("bench-node", pod CIDR 10.244.0.0/24) with sluiced running.
     pub fn new(extra_args: &[&str]) -> Result<Node> {
+        let mut node = Node::create("bench-node", POD_CIDR, extra_args)?;
+        node.start_daemon()?;
+        Ok(node)
+    }
+
+    /// The namespace, work directory and CNI config of a node; sluiced not started yet.
+    pub fn create(name: &str, pod_cidr: &str, extra_args: &[&str]) -> Result<Node> {
         let ns = Netns::new("n")?;
         let work = WorkDir::new("w")?;
         let bpffs = PathBuf::from("/sys/fs/bpf").join(fx::unique("b"));
         std::fs::create_dir_all(work.path.join("net.d"))?;
-        let mut node = Node {
+        let node = Node {
             servers: vec![],
             daemon: None,
             pods: vec![],
@@ -51,19 +63,16 @@ impl Node {
             ns,
             bpffs,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            name: name.to_string(),
+            pod_cidr: pod_cidr.to_string(),
+            uplink_args: vec![],
         };
-        node.pins = Some(SluicedPins::new(
-            &node.ns.name,
-            node.daemon_paths(),
-            &node.bpffs,
-        ));
         let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "sluice",
             "plugins": [{"type": "sluice", "socket": node.socket(), "mtu": 1500}]});
         std::fs::write(
             node.work.path.join("net.d/10-sluice.conflist"),
             conf.to_string(),
         )?;
-        node.start_daemon()?;
         Ok(node)
     }
 
@@ -79,11 +88,24 @@ impl Node {
             self.work.path.join("state").display().to_string(),
             "--bpffs".into(),
             self.bpffs.display().to_string(),
+            "--pod-cidr".into(),
+            self.pod_cidr.clone(),
         ]
+        .into_iter()
+        .chain(self.uplink_args.iter().cloned())
+        .collect()
     }
 
     /// Starts sluiced and waits until `sluicectl status` answers; returns that wait.
     pub fn start_daemon(&mut self) -> Result<Duration> {
+        if self.pins.is_none() {
+            // Registered before the first start: whatever happens next, --cleanup runs.
+            self.pins = Some(SluicedPins::new(
+                &self.ns.name,
+                self.daemon_paths(),
+                &self.bpffs,
+            ));
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -91,7 +113,7 @@ impl Node {
         let t = Instant::now();
         let mut cmd = self.ns.command(fx::bin("sluiced"));
         cmd.args(self.daemon_paths())
-            .args(["--node-name", "bench-node", "--pod-cidr", POD_CIDR])
+            .args(["--node-name", &self.name])
             .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log);
@@ -247,17 +269,6 @@ impl Node {
     }
 }
 
-/// Where clients and backends come from. Only `SingleNode` exists today.
-pub trait Topology {
-    /// Client pods (each its own source address), backend pods with a server.
-    fn clients(&self) -> Vec<&Pod>;
-    fn backends(&self) -> Vec<&Pod>;
-    fn node(&self) -> &Node;
-    /// The NodePort client (an external host) and the node addresses to target, when the
-    /// topology has them.
-    fn nodeport(&self) -> Result<(), String>;
-}
-
 /// One node, `n_clients` client pods (pinned to CPU 0 when they run), two backend pods with a
 /// server each (pinned to CPU 1).
 pub struct SingleNode {
@@ -286,19 +297,150 @@ impl SingleNode {
     }
 }
 
-impl Topology for SingleNode {
-    fn clients(&self) -> Vec<&Pod> {
+impl SingleNode {
+    pub fn clients(&self) -> Vec<&Pod> {
         self.node.pods[..self.n_clients].iter().collect()
     }
-    fn backends(&self) -> Vec<&Pod> {
+    pub fn backends(&self) -> Vec<&Pod> {
         self.node.pods[self.n_clients..self.n_clients + 2]
             .iter()
             .collect()
     }
-    fn node(&self) -> &Node {
+    pub fn node(&self) -> &Node {
         &self.node
     }
-    fn nodeport(&self) -> Result<(), String> {
-        Err("n/a: needs multi-node (issue 8)".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two nodes and external clients, for the NodePort figure:
+//
+//                 fabric netns: Linux bridge
+//        ┌──────────────────┬──────────────────┬─────────────────────┐
+//   node A              node B             clients (external hosts)
+//   192.168.77.1        192.168.77.2       192.168.77.100, .101, ...
+//   pods 10.244.1.0/24  pods 10.244.2.0/24  routes to both pod CIDRs via the nodes
+//   2 backends          2 backends           (only for the direct anchors)
+
+pub const FABRIC: &str = "192.168.77";
+pub const A_CIDR: &str = "10.244.1.0/24";
+pub const B_CIDR: &str = "10.244.2.0/24";
+
+pub struct TwoNode {
+    // Drop order: nodes (daemons, pods, pins), then the clients, then the fabric.
+    pub a: Node,
+    pub b: Node,
+    pub clients: Vec<Pod>,
+    _fabric: Netns,
+}
+
+/// A veth from `ns` into the fabric bridge, `addr` on the inner end: the inner end's name.
+fn plug(fabric: &Netns, ns: &Netns, addr: &str) -> Result<String> {
+    let inner = fx::unique("e");
+    let port = fx::unique("f");
+    fabric.ip(&[
+        "link", "add", &port, "mtu", "1500", "type", "veth", "peer", "name", &inner, "mtu", "1500",
+        "netns", &ns.name,
+    ])?;
+    fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
+    ns.ip(&["addr", "add", addr, "dev", &inner])?;
+    ns.ip(&["link", "set", &inner, "up"])?;
+    Ok(inner)
+}
+
+impl TwoNode {
+    pub const A_IP: &'static str = "192.168.77.1";
+    pub const B_IP: &'static str = "192.168.77.2";
+
+    pub fn new(n_clients: usize) -> Result<TwoNode> {
+        let fabric = Netns::new("F")?;
+        fabric.ip(&[
+            "link",
+            "add",
+            "br0",
+            "mtu",
+            "1500",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+        let mut nodes = vec![];
+        for (name, ip, cidr) in [
+            ("node-a", Self::A_IP, A_CIDR),
+            ("node-b", Self::B_IP, B_CIDR),
+        ] {
+            let mut node = Node::create(name, cidr, &[])?;
+            let uplink = plug(&fabric, &node.ns, &format!("{ip}/24"))?;
+            node.uplink_args = vec![
+                "--nodeport-iface".into(),
+                uplink,
+                "--node-ip".into(),
+                ip.into(),
+            ];
+            node.start_daemon()?;
+            nodes.push(node);
+        }
+        let b = nodes.pop().unwrap();
+        let a = nodes.pop().unwrap();
+        let mut clients = vec![];
+        for i in 0..n_clients {
+            let ns = Netns::new("c")?;
+            let ip = format!("{FABRIC}.{}", 100 + i);
+            plug(&fabric, &ns, &format!("{ip}/24"))?;
+            ns.ip(&["route", "add", A_CIDR, "via", Self::A_IP])?;
+            ns.ip(&["route", "add", B_CIDR, "via", Self::B_IP])?;
+            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+            clients.push(Pod { ns, ip });
+        }
+        let mut t = TwoNode {
+            a,
+            b,
+            clients,
+            _fabric: fabric,
+        };
+        let nodes = t.node_objects();
+        for node in [&t.a, &t.b] {
+            node.sluicectl_objects("apply", &nodes)?;
+        }
+        for (node, peer_cidr, via) in [(&t.a, B_CIDR, Self::B_IP), (&t.b, A_CIDR, Self::A_IP)] {
+            let want = format!("{peer_cidr} via {via}");
+            fx::wait_for(
+                &format!("{} to route {want}", node.name),
+                Duration::from_secs(10),
+                Duration::from_millis(20),
+                || {
+                    let out = node.ns.ip(&["route", "show", "proto", "197"])?;
+                    Ok(String::from_utf8_lossy(&out.stdout).contains(&want))
+                },
+            )
+            .with_context(|| node.daemon_log())?;
+        }
+        for node in [&mut t.a, &mut t.b] {
+            for i in 0..2 {
+                node.add_pod()?;
+                node.start_server(i, SERVER_CPUS)?;
+            }
+        }
+        Ok(t)
+    }
+
+    /// The `v1 Node` objects of both nodes (name, podCIDR, InternalIP), applied to both.
+    fn node_objects(&self) -> String {
+        let mut y = String::new();
+        for (n, ip) in [(&self.a, Self::A_IP), (&self.b, Self::B_IP)] {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{podCIDR: {c}, podCIDRs: [{c}]}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n",
+                n.name,
+                c = n.pod_cidr
+            ));
+        }
+        y
+    }
+
+    pub fn nodes(&self) -> [&Node; 2] {
+        [&self.a, &self.b]
     }
 }
