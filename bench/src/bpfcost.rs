@@ -10,6 +10,8 @@
 //!   with DNAT (checked with the reason counters).
 //! - reply: the same trick on to_pod's reverse NAT.
 //! - non-service: a frame to a non-VIP address (one frontend lookup), repeat=R.
+//! - harness floor: a two-instruction program (`r0 = TC_ACT_OK; exit`) run the same way on the
+//!   same frame: what every row includes besides sluice's code (the test-run loop, the skb).
 
 use std::mem::MaybeUninit;
 use std::net::Ipv4Addr;
@@ -181,6 +183,53 @@ impl Dp {
     }
 }
 
+/// The kernel's mean ns per run of an empty SCHED_CLS program on `pkt` (PROG_TEST_RUN, repeat).
+fn floor_ns(pkt: &[u8], repeat: u32) -> Result<f64> {
+    use libbpf_rs::libbpf_sys as sys;
+    // SAFETY: plain-data instruction structs, zero (r0, no source register) but for code/imm.
+    let mut insns: [sys::bpf_insn; 2] = unsafe { std::mem::zeroed() };
+    insns[0].code = (sys::BPF_ALU64 | sys::BPF_MOV | sys::BPF_K) as u8; // r0 = 0 (TC_ACT_OK)
+    insns[1].code = (sys::BPF_JMP | sys::BPF_EXIT) as u8;
+    // SAFETY: valid instructions and NUL-terminated strings; the fd is closed below.
+    let fd = unsafe {
+        sys::bpf_prog_load(
+            sys::BPF_PROG_TYPE_SCHED_CLS,
+            c"sl_floor".as_ptr(),
+            c"GPL".as_ptr(),
+            insns.as_ptr(),
+            insns.len() as _,
+            std::ptr::null_mut(),
+        )
+    };
+    if fd < 0 {
+        bail!(
+            "loading the empty program: {}",
+            std::io::Error::from_raw_os_error(-fd)
+        );
+    }
+    let mut out = vec![0u8; pkt.len() + 512];
+    let mut opts = sys::bpf_test_run_opts {
+        sz: std::mem::size_of::<sys::bpf_test_run_opts>() as _,
+        data_in: pkt.as_ptr().cast(),
+        data_size_in: pkt.len() as u32,
+        data_out: out.as_mut_ptr().cast(),
+        data_size_out: out.len() as u32,
+        repeat: repeat as i32,
+        ..Default::default()
+    };
+    // SAFETY: opts points at live buffers of the sizes given.
+    let r = unsafe { sys::bpf_prog_test_run_opts(fd, &mut opts) };
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        bail!(
+            "test run of the empty program: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(opts.duration as f64)
+}
+
 fn dst_of(frame: &[u8]) -> (Ipv4Addr, u16) {
     let ip = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
     let port = u16::from_be_bytes([frame[36], frame[37]]);
@@ -279,6 +328,14 @@ pub fn measure(frontends: usize, runs: usize, repeat: u32) -> Result<Vec<Value>>
         ns,
         format!("repeat={repeat}"),
         v == 0 && out == other_in,
+    );
+
+    let ns = floor_ns(&other, repeat)?;
+    push(
+        "harness floor (empty program)",
+        ns,
+        format!("repeat={repeat}"),
+        true,
     );
     Ok(rows)
 }
