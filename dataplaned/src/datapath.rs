@@ -104,6 +104,9 @@ impl MapSizes {
 pub struct DatapathConfig {
     pub bpffs: PathBuf,
     pub mode: AttachMode,
+    /// tcx mode: pods are attached with classic tc at ADD and moved to tcx links afterwards
+    /// (see [`Datapath::add_mode`]).
+    pub fast_add: bool,
     pub sizes: MapSizes,
     pub hairpin_addr: Ipv4Addr,
     pub ct_refresh: Duration,
@@ -136,6 +139,7 @@ pub struct Maps {
 pub struct Datapath {
     bpffs: PathBuf,
     mode: AttachMode,
+    fast_add: bool,
     from_pod: OwnedFd,
     to_pod: OwnedFd,
     from_net: OwnedFd,
@@ -372,6 +376,7 @@ impl Datapath {
         Ok(Datapath {
             bpffs: cfg.bpffs.clone(),
             mode: cfg.mode,
+            fast_add: cfg.fast_add && cfg.mode == AttachMode::Tcx,
             from_pod,
             to_pod,
             from_net,
@@ -380,8 +385,37 @@ impl Datapath {
         })
     }
 
+    /// The mode pods end up in (`--attach-mode`).
     pub fn mode(&self) -> AttachMode {
         self.mode
+    }
+
+    /// How a pod is attached at ADD. A tcx attach waits out an RCU grace period under the RTNL
+    /// lock (two per pod: most of a tcx ADD); a clsact filter does not. With `--attach-mode
+    /// auto` on a tcx kernel, ADD attaches clsact filters and the daemon moves the pod to tcx
+    /// links once ADDs are quiet ([`crate::state::State::upgrade_attachments`]): tcx programs run
+    /// before clsact and end the packet's classification, so the move is atomic per packet.
+    pub fn add_mode(&self) -> AttachMode {
+        if self.fast_add {
+            AttachMode::Tc
+        } else {
+            self.mode
+        }
+    }
+
+    /// How a live pod attached with `previous` is re-adopted at start: in the mode it has while
+    /// it waits for its move to tcx (a start never waits for grace periods), else in `mode()`.
+    pub fn readopt_mode(&self, previous: Option<AttachMode>) -> AttachMode {
+        if self.fast_add && previous == Some(AttachMode::Tc) {
+            AttachMode::Tc
+        } else {
+            self.mode
+        }
+    }
+
+    /// Whether pods attached with clsact wait to be moved to tcx links.
+    pub fn upgrades(&self) -> bool {
+        self.mode == AttachMode::Tcx
     }
 
     /// bpffs refuses '.' in names: `<links>/<host_ifname>-ingress`.
@@ -398,12 +432,14 @@ impl Datapath {
     /// old attachment so programs never run twice).
     pub fn attach(
         &self,
+        mode: AttachMode,
         host_ifname: &str,
         ifindex: u32,
         previous: Option<AttachMode>,
         pod_addr: Ipv4Addr,
     ) -> Result<()> {
         self.attach_pair(
+            mode,
             host_ifname,
             ifindex,
             previous,
@@ -418,6 +454,7 @@ impl Datapath {
     /// daemon switched from tc to tcx mode leaves its old uplink filters: `--cleanup` first.)
     pub fn attach_uplink(&self, ifname: &str, ifindex: u32) -> Result<()> {
         self.attach_pair(
+            self.mode,
             ifname,
             ifindex,
             None,
@@ -429,6 +466,7 @@ impl Datapath {
     /// Ingress and egress programs on an interface, as pinned tcx links or clsact filters.
     fn attach_pair(
         &self,
+        mode: AttachMode,
         ifname: &str,
         ifindex: u32,
         previous: Option<AttachMode>,
@@ -439,7 +477,7 @@ impl Datapath {
             (progs[0], "ingress", TC_INGRESS),
             (progs[1], "egress", TC_EGRESS),
         ];
-        match self.mode {
+        match mode {
             AttachMode::Tcx => {
                 // Each tcx attach waits out an RCU grace period (the kernel swaps the device's
                 // program array under the RTNL lock, so two directions cannot overlap): this is

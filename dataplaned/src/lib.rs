@@ -37,6 +37,9 @@ pub struct Config {
     pub node_name: String,
     pub pod_cidr: ipam::Cidr,
     pub attach_mode: AttachMode,
+    /// Pods are attached with clsact at ADD and moved to tcx links when ADDs are quiet
+    /// (`--attach-mode auto` on a tcx kernel; see `Datapath::add_mode`).
+    pub fast_add: bool,
     pub map_sizes: MapSizes,
     /// Source given to a pod that reaches itself through a service (see bpf/config.h).
     pub hairpin_addr: Ipv4Addr,
@@ -115,6 +118,15 @@ pub async fn run(
             }
         })
     });
+    if state.datapath.upgrades() {
+        let state = state.clone();
+        background.push(every(Duration::from_millis(500), move || {
+            let state = state.clone();
+            async move {
+                let _ = tokio::task::spawn_blocking(move || state.upgrade_attachments()).await;
+            }
+        }));
+    }
     if config.manifests.is_some() {
         let state = state.clone();
         background.push(every(config.manifests_poll, move || {

@@ -122,6 +122,7 @@ pub fn attachment(a: &Allocation, dp: &Datapath) -> Attachment {
         pod_namespace: a.pod_namespace.clone(),
         pod_name: a.pod_name.clone(),
         network: a.network.clone(),
+        attach_mode: a.attach_mode.clone(),
         counters: Some(PodCounters {
             rx_packets: c.rx_packets,
             rx_bytes: c.rx_bytes,
@@ -174,7 +175,11 @@ impl Dataplane for Api {
     async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<AttachReply>, Status> {
         let req = req.into_inner();
         let r = pair(req.r#ref)?;
+        // Pods wait for their move to tcx links while ADDs keep coming (State::upgrade_attachments).
+        self.state.note_add();
+        let state = self.state.clone();
         self.locked(move |s, dp| {
+            state.note_add();
             let mut a = s
                 .ipam
                 .get(&r.container_id, &r.ifname)
@@ -191,7 +196,9 @@ impl Dataplane for Api {
             let idx = ifindex(&a.host_ifname).ok_or_else(|| {
                 Status::failed_precondition(format!("{} does not exist", a.host_ifname))
             })?;
+            let mode = dp.add_mode();
             dp.attach(
+                mode,
                 &a.host_ifname,
                 idx,
                 AttachMode::from_name(&a.attach_mode),
@@ -200,10 +207,11 @@ impl Dataplane for Api {
             .map_err(|e| Status::internal(format!("{e:#}")))?;
             a.attached = true;
             a.host_ifindex = idx;
-            a.attach_mode = dp.mode().name().to_string();
+            a.attach_mode = mode.name().to_string();
             let cid = a.container_id.clone();
             s.ipam.update(a).map_err(ipam_status)?;
             crate::state::link_pod_interfaces(&s.ipam, dp, &cid, None);
+            state.note_add();
             Ok(())
         })
         .await?;
@@ -215,6 +223,8 @@ impl Dataplane for Api {
         req: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseReply>, Status> {
         let r = pair(req.into_inner().r#ref)?;
+        // A DEL's veth deletion takes the RTNL lock too: pods move to tcx links between bursts.
+        self.state.note_add();
         let released = self
             .locked(move |s, dp| {
                 let Some(a) = s.ipam.get(&r.container_id, &r.ifname).cloned() else { return Ok(false) };

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
@@ -79,7 +79,16 @@ pub struct State {
     services: Mutex<Services>,
     /// Health-check node ports of externalTrafficPolicy: Local Services.
     pub health: crate::services::health::HealthServers,
+    /// When the last ADD or DEL came (pods move to tcx links only when both are quiet).
+    last_add: Mutex<Instant>,
+    /// Pods whose move to tcx links failed: left on clsact until the next start.
+    upgrade_failed: Mutex<HashSet<String>>,
 }
+
+/// Pods attached with clsact at ADD move to tcx links once no ADD or DEL came for this long: a move
+/// holds the RTNL lock for two RCU grace periods, which a concurrent ADD's or DEL's netlink calls
+/// would wait for.
+pub const UPGRADE_QUIET: Duration = Duration::from_secs(2);
 
 /// What the nodes room keeps between syncs.
 pub struct NodeState {
@@ -147,6 +156,7 @@ impl State {
         let datapath = Datapath::load(&DatapathConfig {
             bpffs: config.bpffs.clone(),
             mode: config.attach_mode,
+            fast_add: config.fast_add,
             sizes: config.map_sizes,
             hairpin_addr: config.hairpin_addr,
             ct_refresh: Duration::from_secs(1),
@@ -202,7 +212,83 @@ impl State {
             inner: Mutex::new(Inner { ipam }),
             services: Mutex::new(services),
             health: Default::default(),
+            last_add: Mutex::new(Instant::now()),
+            upgrade_failed: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// A CNI ADD or DEL is being served.
+    pub fn note_add(&self) {
+        *self.last_add.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn adds_quiet(&self) -> bool {
+        self.last_add
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            >= UPGRADE_QUIET
+    }
+
+    /// Moves pods attached with clsact (at ADD, see `Datapath::add_mode`) to tcx links, one per
+    /// IPAM lock hold, while ADDs stay quiet; returns how many moved. The tcx programs take over
+    /// on their first packet (tcx runs before clsact and ends classification), then the filters
+    /// go: traffic never stops. Blocking (grace periods): called off the async threads.
+    pub fn upgrade_attachments(&self) -> usize {
+        if !self.datapath.upgrades() {
+            return 0;
+        }
+        let tc = AttachMode::Tc.name();
+        let mut moved = 0;
+        while self.adds_quiet() {
+            let mut inner = self.lock();
+            let mut failed = self
+                .upgrade_failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let Some(mut a) = inner
+                .ipam
+                .all()
+                .find(|a| a.attached && a.attach_mode == tc && !failed.contains(&a.host_ifname))
+                .cloned()
+            else {
+                break;
+            };
+            // A link that is gone or was replaced is the DEL's or the periodic check's.
+            let idx = ifindex(&a.host_ifname).filter(|i| *i == a.host_ifindex);
+            let moved_now = idx.map(|idx| {
+                self.datapath.attach(
+                    AttachMode::Tcx,
+                    &a.host_ifname,
+                    idx,
+                    Some(AttachMode::Tc),
+                    a.ip,
+                )
+            });
+            match moved_now {
+                Some(Ok(())) => {
+                    a.attach_mode = AttachMode::Tcx.name().to_string();
+                    let name = a.host_ifname.clone();
+                    if let Err(e) = inner.ipam.update(a) {
+                        // The record says tc: the next start re-adopts it as tcx (links pinned).
+                        tracing::warn!(error = %e, pod = %name, "recording a pod's move to tcx links");
+                    }
+                    moved += 1;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), pod = %a.host_ifname,
+                        "moving a pod to tcx links failed: it keeps its clsact filters");
+                    failed.insert(a.host_ifname.clone());
+                }
+                None => {
+                    failed.insert(a.host_ifname.clone());
+                }
+            }
+        }
+        if moved > 0 {
+            tracing::info!(moved, "pods moved from clsact filters to tcx links");
+        }
+        moved
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -300,16 +386,13 @@ impl State {
         for mut a in allocations {
             match ifindex(&a.host_ifname) {
                 Some(idx) if a.attached => {
-                    if let Err(e) = datapath.attach(
-                        &a.host_ifname,
-                        idx,
-                        AttachMode::from_name(&a.attach_mode),
-                        a.ip,
-                    ) {
+                    let previous = AttachMode::from_name(&a.attach_mode);
+                    let mode = datapath.readopt_mode(previous);
+                    if let Err(e) = datapath.attach(mode, &a.host_ifname, idx, previous, a.ip) {
                         tracing::error!(error = %format!("{e:#}"), pod = %a.host_ifname, "re-adopting a pod failed");
                         continue;
                     }
-                    let mode = datapath.mode().name();
+                    let mode = mode.name();
                     if a.host_ifindex != idx || a.attach_mode != mode {
                         a.host_ifindex = idx;
                         a.attach_mode = mode.to_string();

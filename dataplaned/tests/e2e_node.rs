@@ -153,6 +153,72 @@ fn kill9_and_restart_keeps_pods_connected_and_readopts_them() {
     assert!(c.ip != a.ip && c.ip != b.ip);
 }
 
+/// `--attach-mode auto` on a tcx kernel: ADD attaches clsact filters (no RCU grace periods on
+/// the ADD's path), and the daemon moves the pod to tcx links once ADDs are quiet, while its
+/// connection keeps doing round trips every 20 ms.
+#[test]
+fn pods_attached_with_clsact_at_add_move_to_tcx_links_without_a_stall() {
+    assert_eq!(
+        mode(),
+        "tcx",
+        "this kernel has tcx (6.6+): the move is what is tested"
+    );
+    let node = SluiceNode::new().unwrap();
+    let a = node.add_pod().unwrap();
+    let b = node.add_pod().unwrap();
+    let modes = |st: &serde_json::Value| -> Vec<String> {
+        st["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["attach_mode"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    // Right after the ADDs (the move waits for 2 s without one).
+    let st = node.status_json().unwrap();
+    assert_eq!(modes(&st), ["tc", "tc"], "{st}");
+    assert!(node.tc_filters(&a) && node.tc_filters(&b));
+    assert!(!node.tcx_links(&a) && !node.tcx_links(&b));
+    assert_eq!(
+        st["attach_mode"], "tcx",
+        "the daemon's mode is where pods end up"
+    );
+
+    let _srv = echo_server(&b.ns, 9000).unwrap();
+    let mut client = steady_client(&a.ns, &b.ip, 9000, 6);
+    let moved = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        modes(&node.status_json().unwrap()) == ["tcx", "tcx"]
+    });
+    assert!(moved, "pods still not on tcx links 10 s after the last ADD");
+    for pod in [&a, &b] {
+        assert!(node.tcx_links(pod), "{} has pinned tcx links", pod.ip);
+        assert!(
+            !node.any_tc_filter(pod),
+            "{}: the clsact filters are gone",
+            pod.ip
+        );
+    }
+    let status = client.child.wait().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(client.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(
+        status.success(),
+        "the connection stalled during the move: {out}"
+    );
+    assert!(out.trim().parse::<u32>().unwrap() > 100, "{out}");
+    // Both directions still pass through sluice's programs (the counters of the links' programs).
+    let before = node.status_json().unwrap();
+    assert_eq!(tcp_ask(&a.ns, &b.ip, 9000).unwrap(), a.ip);
+    let after = node.status_json().unwrap();
+    let tx = |s: &serde_json::Value, i: usize| {
+        s["attachments"][i]["counters"]["tx_packets"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(tx(&after, 0) > tx(&before, 0) && tx(&after, 1) > tx(&before, 1));
+}
+
 #[test]
 fn sigterm_leaves_the_datapath_running_and_cleanup_removes_it() {
     let mut node = SluiceNode::new().unwrap();

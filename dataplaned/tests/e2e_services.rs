@@ -480,6 +480,82 @@ fn ten_thousand_services_apply_and_a_lookup_still_succeeds() {
     assert_eq!(st["frontends"], 10_000);
 }
 
+/// Scale (issue 10): 100 pods and 10,000 Services on one node, then a restart (SIGTERM and
+/// start): the API answers again, every pod is re-adopted, a service connection opened before
+/// keeps working, nothing is rewritten. Times are printed (the benchmark reports them), not
+/// asserted.
+#[test]
+fn a_hundred_pods_ten_thousand_services_and_a_restart() {
+    let mut node = SluiceNode::new().unwrap();
+    let t = Instant::now();
+    let pods: Vec<Pod> = (0..100).map(|_| node.add_pod().unwrap()).collect();
+    eprintln!("100 pods added in {:?}", t.elapsed());
+    let b = &pods[99];
+    let _s = echo_server(&b.ns, 8080).unwrap();
+    let mut yaml = String::new();
+    for i in 0..10_000u32 {
+        let vip = format!("10.100.{}.{}", i / 250, i % 250 + 1);
+        yaml.push_str(&service(
+            &format!("s{i}"),
+            &vip,
+            80,
+            8080,
+            "TCP",
+            &[ready(&b.ip)],
+            "",
+        ));
+    }
+    let t = Instant::now();
+    node.apply(&yaml).unwrap();
+    eprintln!(
+        "applied 10,000 Services + 10,000 EndpointSlices in {:?}",
+        t.elapsed()
+    );
+    let mut conn = steady_conn(&pods[0].ns, "10.100.39.250", 80);
+    assert_eq!(conn.ask(), b.ip);
+
+    node.stop_daemon().unwrap();
+    assert_eq!(
+        conn.ask(),
+        b.ip,
+        "service flows keep working with the daemon stopped"
+    );
+    let t = Instant::now();
+    node.start_daemon().unwrap();
+    eprintln!(
+        "restart with 100 pods and 10,000 Services: API answering after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        conn.ask(),
+        b.ip,
+        "the connection opened before the restart still works"
+    );
+    let st = node.status_json().unwrap();
+    let atts = st["attachments"].as_array().unwrap();
+    assert_eq!(atts.len(), 100);
+    assert!(atts.iter().all(|a| a["attached"] == true), "{st}");
+    assert_eq!(st["frontends"], 10_000);
+    assert!(
+        node.daemon_log().contains("adopted=100"),
+        "every pod re-adopted:\n{}",
+        node.daemon_log()
+    );
+    assert!(
+        node.daemon_log()
+            .contains("services in sync frontends=10000 writes=0"),
+        "a restart rewrites nothing:\n{}",
+        node.daemon_log()
+    );
+    for (client, vip) in [(&pods[50], "10.100.20.1"), (&pods[98], "10.100.0.1")] {
+        let (seen, backend) = tcp_ask_full(&client.ns, vip, 80).unwrap();
+        assert_eq!(
+            (seen.as_str(), backend.as_str()),
+            (client.ip.as_str(), b.ip.as_str())
+        );
+    }
+}
+
 #[test]
 fn invalid_objects_are_refused_whole_and_nothing_applied_is_lost() {
     let node = SluiceNode::new().unwrap();

@@ -463,7 +463,11 @@ async fn status(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()
             } else {
                 a.host_ifname.clone()
             },
-            if a.attached { "yes" } else { "no" },
+            if a.attached {
+                a.attach_mode.as_str()
+            } else {
+                "no"
+            },
             c.rx_packets,
             c.rx_bytes,
             c.tx_packets,

@@ -11,7 +11,8 @@ use sluiced::{AttachMode, Config, LbMode, MapSizes};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
-    /// tcx on Linux >= 6.6, clsact otherwise
+    /// tcx links on Linux >= 6.6 (a pod gets clsact filters at ADD, which skip the RCU grace
+    /// periods of a tcx attach, and is moved to tcx links once ADDs are quiet), clsact otherwise
     Auto,
     Tcx,
     Tc,
@@ -139,6 +140,7 @@ fn main() -> Result<()> {
             Mode::Tcx => AttachMode::Tcx,
             Mode::Tc => AttachMode::Tc,
         },
+        fast_add: matches!(args.attach_mode, Mode::Auto),
         map_sizes: MapSizes {
             frontends: args.frontends_size,
             backends: args.backends_size,

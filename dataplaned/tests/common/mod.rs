@@ -203,28 +203,53 @@ impl SluiceNode {
     }
 
     /// Whether both programs are attached to the pod's host-side veth, by what the kernel shows:
-    /// pinned tcx links, or clsact filters.
+    /// pinned tcx links, or clsact filters (what a pod has from its ADD until it is moved to tcx
+    /// links, or in `--attach-mode tc`).
     pub fn programs_attached(&self, pod: &Pod) -> bool {
-        let host_if = pod.result["interfaces"][0]["name"].as_str().unwrap();
-        match mode() {
-            "tcx" => ["ingress", "egress"]
-                .iter()
-                .all(|d| self.bpffs.join(format!("links/{host_if}-{d}")).exists()),
-            _ => ["ingress", "egress"].iter().all(|d| {
+        self.tcx_links(pod) || self.tc_filters(pod)
+    }
+
+    fn host_if(pod: &Pod) -> &str {
+        pod.result["interfaces"][0]["name"].as_str().unwrap()
+    }
+
+    /// Both pinned tcx links of the pod's host-side veth exist.
+    pub fn tcx_links(&self, pod: &Pod) -> bool {
+        let host_if = Self::host_if(pod);
+        ["ingress", "egress"]
+            .iter()
+            .all(|d| self.bpffs.join(format!("links/{host_if}-{d}")).exists())
+    }
+
+    /// Both clsact filters (from_pod on ingress, to_pod on egress) are on the pod's host-side veth.
+    pub fn tc_filters(&self, pod: &Pod) -> bool {
+        let host_if = Self::host_if(pod);
+        [("ingress", "from_pod"), ("egress", "to_pod")]
+            .iter()
+            .all(|(d, prog)| {
                 let out = self
                     .ns
                     .command("tc")
                     .args(["filter", "show", "dev", host_if, d])
                     .output()
                     .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout);
-                text.contains(if *d == "ingress" {
-                    "from_pod"
-                } else {
-                    "to_pod"
-                })
-            }),
-        }
+                String::from_utf8_lossy(&out.stdout).contains(prog)
+            })
+    }
+
+    /// Whether the pod's host-side veth has any clsact filter of sluice's left.
+    pub fn any_tc_filter(&self, pod: &Pod) -> bool {
+        let host_if = Self::host_if(pod);
+        ["ingress", "egress"].iter().any(|d| {
+            let out = self
+                .ns
+                .command("tc")
+                .args(["filter", "show", "dev", host_if, d])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.contains("from_pod") || text.contains("to_pod")
+        })
     }
 }
 
