@@ -57,6 +57,17 @@ fn build_bpf(out: &Path) {
             .build_and_generate(&skel)
             .unwrap_or_else(|e| panic!("building {src} with {}: {e:#}", clang.display()));
     }
+    // What the objects are: the daemon keeps pinned programs of the same build (and config)
+    // across a restart instead of loading them again. FNV-1a over the generated skeletons, which
+    // embed the objects' bytes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for name in BPF_PROGRAMS {
+        let text = std::fs::read(out.join(format!("{name}.skel.rs"))).expect("reading a skeleton");
+        for b in text {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    println!("cargo:rustc-env=SLUICE_BPF_BUILD={h:016x}");
 }
 
 /// Debian installs versioned clangs without an unversioned name: honour $BPF_CLANG, then prefer the

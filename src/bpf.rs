@@ -1,5 +1,8 @@
 //! The BPF skeletons, one per attach point (see build.rs), generated into OUT_DIR.
 
+/// A hash of the compiled BPF objects (build.rs): equal builds load equal programs.
+pub const BUILD: &str = env!("SLUICE_BPF_BUILD");
+
 #[allow(
     clippy::all,
     missing_docs,

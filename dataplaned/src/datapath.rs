@@ -4,6 +4,7 @@
 //! After load the daemon keeps only file descriptors (programs) and map handles: the skeleton's
 //! objects are dropped, so this type is Send + Sync and nothing is tied to a borrow.
 
+use std::collections::HashSet;
 use std::ffi::CString;
 use std::mem::MaybeUninit;
 use std::net::Ipv4Addr;
@@ -305,6 +306,179 @@ fn pin_prog(bpffs: &Path, prog: &mut libbpf_rs::ProgramMut<'_>, name: &str) -> R
     Ok(prog.as_fd().try_clone_to_owned()?)
 }
 
+/// Loads both objects (the verifier's work: most of a start), reusing and creating map pins, and
+/// pins the programs: [from_pod, to_pod, from_net, to_net].
+fn load_programs(cfg: &DatapathConfig, maps_dir: &Path) -> Result<[OwnedFd; 4]> {
+    let maps_dir = maps_dir.to_path_buf();
+    let mut storage = MaybeUninit::uninit();
+    let mut open = PodVethSkelBuilder::default()
+        .open(&mut storage)
+        .context("opening the pod BPF object")?;
+    prepare_object!(open, &maps_dir, cfg);
+    if cfg.mode == AttachMode::Tcx {
+        open.progs
+            .from_pod
+            .set_attach_type(ProgramAttachType::TcxIngress);
+        open.progs
+            .to_pod
+            .set_attach_type(ProgramAttachType::TcxEgress);
+    }
+    let mut skel = open
+        .load()
+        .context("loading the pod programs (verifier log above)")?;
+    // Pin the new programs in place of the old ones (live attachments are updated separately).
+    let from_pod = pin_prog(&cfg.bpffs, &mut skel.progs.from_pod, "from_pod")?;
+    let to_pod = pin_prog(&cfg.bpffs, &mut skel.progs.to_pod, "to_pod")?;
+
+    // The uplink object: the same maps (reused through their pins), its own programs.
+    let mut storage = MaybeUninit::uninit();
+    let mut open = UplinkSkelBuilder::default()
+        .open(&mut storage)
+        .context("opening the uplink BPF object")?;
+    prepare_object!(open, &maps_dir, cfg);
+    if cfg.mode == AttachMode::Tcx {
+        open.progs
+            .from_net
+            .set_attach_type(ProgramAttachType::TcxIngress);
+        open.progs
+            .to_net
+            .set_attach_type(ProgramAttachType::TcxEgress);
+    }
+    let mut uplink = open
+        .load()
+        .context("loading the uplink programs (verifier log above)")?;
+    let from_net = pin_prog(&cfg.bpffs, &mut uplink.progs.from_net, "from_net")?;
+    let to_net = pin_prog(&cfg.bpffs, &mut uplink.progs.to_net, "to_net")?;
+
+    Ok([from_pod, to_pod, from_net, to_net])
+}
+
+/// The map pins every start needs (the uplink object declares the same).
+const MAP_PINS: [&str; 12] = [
+    "sl_fe_v2",
+    "sl_vip_v1",
+    "sl_be_v2",
+    "sl_bm_v1",
+    "sl_ct_v2",
+    "sl_aff_v1",
+    "sl_frag_v1",
+    "sl_pod_v2",
+    "sl_node_v1",
+    "sl_rsn_v2",
+    "sl_ctev_v1",
+    "sl_svc_v2",
+];
+const PROG_PINS: [&str; 4] = ["from_pod", "to_pod", "from_net", "to_net"];
+/// `<bpffs>/progs/build`: a one-entry array holding the fingerprint of the pinned programs.
+const BUILD_PIN: &str = "build";
+
+/// What the loaded programs depend on: the objects and everything written into them at load
+/// (.rodata, map sizes, attach types).
+fn fingerprint(cfg: &DatapathConfig) -> u64 {
+    let text = format!("{} {cfg:?}", sluice_core::bpf::BUILD);
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The pinned programs, when they were loaded from this build with this configuration and every
+/// pin they use is there: a restart then skips the verifier (~2 s here).
+fn reuse_pinned(cfg: &DatapathConfig, maps_dir: &Path, fingerprint: u64) -> Option<[OwnedFd; 4]> {
+    let progs = cfg.bpffs.join("progs");
+    let map = MapHandle::from_pinned_path(progs.join(BUILD_PIN)).ok()?;
+    let stored = map.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).ok()??;
+    if stored.as_slice() != fingerprint.to_ne_bytes() {
+        return None;
+    }
+    if !MAP_PINS.iter().all(|m| maps_dir.join(m).exists()) {
+        return None;
+    }
+    let fds: Vec<OwnedFd> = PROG_PINS
+        .iter()
+        .map(|p| libbpf_rs::Program::fd_from_pinned_path(progs.join(p)).ok())
+        .collect::<Option<_>>()?;
+    // The pinned maps must be the ones these programs use (a pin replaced since they were loaded
+    // would leave the daemon writing maps the programs never read).
+    let used: HashSet<u32> = fds.iter().flat_map(|fd| prog_map_ids(fd.as_fd())).collect();
+    for m in MAP_PINS {
+        let id = MapHandle::from_pinned_path(maps_dir.join(m))
+            .ok()
+            .and_then(|h| map_id(h.as_fd()))?;
+        if !used.contains(&id) {
+            return None;
+        }
+    }
+    fds.try_into().ok()
+}
+
+/// The ids of the maps a loaded program uses.
+fn prog_map_ids(fd: BorrowedFd<'_>) -> Vec<u32> {
+    let info_of = |ids: &mut Vec<u32>| {
+        let mut info = libbpf_sys::bpf_prog_info {
+            nr_map_ids: ids.len() as u32,
+            map_ids: ids.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
+        // SAFETY: `info` is a live bpf_prog_info of `len` bytes; map_ids points at room for
+        // nr_map_ids ids.
+        let r = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+        (r == 0).then_some(info.nr_map_ids)
+    };
+    let Some(n) = info_of(&mut Vec::new()) else {
+        return Vec::new();
+    };
+    let mut ids = vec![0u32; n as usize];
+    match info_of(&mut ids) {
+        Some(m) if m == n => ids,
+        _ => Vec::new(),
+    }
+}
+
+/// A map's kernel id.
+fn map_id(fd: BorrowedFd<'_>) -> Option<u32> {
+    let mut info = libbpf_sys::bpf_map_info::default();
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_map_info>() as u32;
+    // SAFETY: `info` is a live bpf_map_info of `len` bytes.
+    let r = unsafe { libbpf_sys::bpf_map_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+    (r == 0).then_some(info.id)
+}
+
+/// Records which programs are pinned (after a load); without it the next start loads again.
+fn record_fingerprint(bpffs: &Path, fingerprint: u64) {
+    let pin = bpffs.join("progs").join(BUILD_PIN);
+    let r = (|| -> Result<()> {
+        let map = match MapHandle::from_pinned_path(&pin) {
+            Ok(m) => m,
+            Err(_) => {
+                let opts = libbpf_sys::bpf_map_create_opts {
+                    sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+                    ..Default::default()
+                };
+                let mut m = MapHandle::create(
+                    libbpf_rs::MapType::Array,
+                    Some("sl_build_v1"),
+                    4,
+                    8,
+                    1,
+                    &opts,
+                )?;
+                m.pin(&pin)?;
+                m
+            }
+        };
+        map.update(
+            &0u32.to_ne_bytes(),
+            &fingerprint.to_ne_bytes(),
+            MapFlags::ANY,
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = r {
+        tracing::warn!(error = %format!("{e:#}"), "recording the programs' build: the next start loads them again");
+    }
+}
+
 impl Datapath {
     /// Loads the programs, reusing pinned maps, and pins maps and programs under `cfg.bpffs`.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath> {
@@ -312,45 +486,21 @@ impl Datapath {
         ensure_bpffs(&cfg.bpffs)?;
         let maps_dir = cfg.bpffs.join("maps");
 
-        let mut storage = MaybeUninit::uninit();
-        let mut open = PodVethSkelBuilder::default()
-            .open(&mut storage)
-            .context("opening the pod BPF object")?;
-        prepare_object!(open, &maps_dir, cfg);
-        if cfg.mode == AttachMode::Tcx {
-            open.progs
-                .from_pod
-                .set_attach_type(ProgramAttachType::TcxIngress);
-            open.progs
-                .to_pod
-                .set_attach_type(ProgramAttachType::TcxEgress);
-        }
-        let mut skel = open
-            .load()
-            .context("loading the pod programs (verifier log above)")?;
-        // Pin the new programs in place of the old ones (live attachments are updated separately).
-        let from_pod = pin_prog(&cfg.bpffs, &mut skel.progs.from_pod, "from_pod")?;
-        let to_pod = pin_prog(&cfg.bpffs, &mut skel.progs.to_pod, "to_pod")?;
-
-        // The uplink object: the same maps (reused through their pins), its own programs.
-        let mut storage = MaybeUninit::uninit();
-        let mut open = UplinkSkelBuilder::default()
-            .open(&mut storage)
-            .context("opening the uplink BPF object")?;
-        prepare_object!(open, &maps_dir, cfg);
-        if cfg.mode == AttachMode::Tcx {
-            open.progs
-                .from_net
-                .set_attach_type(ProgramAttachType::TcxIngress);
-            open.progs
-                .to_net
-                .set_attach_type(ProgramAttachType::TcxEgress);
-        }
-        let mut uplink = open
-            .load()
-            .context("loading the uplink programs (verifier log above)")?;
-        let from_net = pin_prog(&cfg.bpffs, &mut uplink.progs.from_net, "from_net")?;
-        let to_net = pin_prog(&cfg.bpffs, &mut uplink.progs.to_net, "to_net")?;
+        let fingerprint = fingerprint(cfg);
+        let [from_pod, to_pod, from_net, to_net] = match reuse_pinned(cfg, &maps_dir, fingerprint) {
+            Some(progs) => {
+                tracing::info!(
+                    build = sluice_core::bpf::BUILD,
+                    "the pinned programs are this build's with this configuration: kept (not loaded again)"
+                );
+                progs
+            }
+            None => {
+                let progs = load_programs(cfg, &maps_dir)?;
+                record_fingerprint(&cfg.bpffs, fingerprint);
+                progs
+            }
+        };
 
         let open_pin = |name: &str| {
             let pin = maps_dir.join(name);

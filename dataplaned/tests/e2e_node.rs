@@ -137,7 +137,7 @@ fn kill9_and_restart_keeps_pods_connected_and_readopts_them() {
             "{x} {y}"
         );
     }
-    // New programs were loaded and swapped into the existing links.
+    // The same build with the same flags keeps the pinned programs (no verifier run at start).
     let ids = |s: &serde_json::Value| {
         s["programs"]
             .as_array()
@@ -146,7 +146,30 @@ fn kill9_and_restart_keeps_pods_connected_and_readopts_them() {
             .map(|p| p["id"].as_u64().unwrap())
             .collect::<Vec<_>>()
     };
-    assert_ne!(ids(&before), ids(&after));
+    assert_eq!(ids(&before), ids(&after));
+    assert!(node.daemon_log().contains("kept (not loaded again)"));
+    // Other programs (a configuration written into them changed): loaded and swapped into the
+    // existing attachments, while the connection keeps its round trips.
+    let mut client = steady_client(&a.ns, &b.ip, 9000, 3);
+    std::thread::sleep(Duration::from_millis(300));
+    node.kill9_daemon();
+    node.extra_args = vec!["--ct-timeout-syn".into(), "61".into()];
+    node.start_daemon().unwrap();
+    let status = client.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "the connection broke across a restart with new programs"
+    );
+    let swapped = node.status_json().unwrap();
+    assert!(
+        ids(&swapped).iter().zip(ids(&after)).all(|(x, y)| *x != y),
+        "new programs: {:?} after {:?}",
+        ids(&swapped),
+        ids(&after)
+    );
+    for pod in [&a, &b] {
+        assert!(node.programs_attached(pod));
+    }
     assert_eq!(tcp_ask(&a.ns, &b.ip, 9000).unwrap(), a.ip);
     // IPAM survived: a new pod gets a fresh address.
     let c = node.add_pod().unwrap();
