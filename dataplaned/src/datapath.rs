@@ -542,7 +542,7 @@ impl Datapath {
 
     /// How a pod is attached at ADD. A tcx attach waits out an RCU grace period under the RTNL
     /// lock (two per pod: most of a tcx ADD); a clsact filter does not. With `--attach-mode
-    /// auto` on a tcx kernel, ADD attaches clsact filters and the daemon moves the pod to tcx
+    /// fast` on a tcx kernel, ADD attaches clsact filters and the daemon moves the pod to tcx
     /// links once ADDs are quiet ([`crate::state::State::upgrade_attachments`]): tcx programs run
     /// before clsact and end the packet's classification, so the move is atomic per packet.
     pub fn add_mode(&self) -> AttachMode {

@@ -38,7 +38,7 @@ pub struct Config {
     pub pod_cidr: ipam::Cidr,
     pub attach_mode: AttachMode,
     /// Pods are attached with clsact at ADD and moved to tcx links when ADDs are quiet
-    /// (`--attach-mode auto` on a tcx kernel; see `Datapath::add_mode`).
+    /// (`--attach-mode fast` on a tcx kernel; see `Datapath::add_mode`).
     pub fast_add: bool,
     pub map_sizes: MapSizes,
     /// Source given to a pod that reaches itself through a service (see bpf/config.h).

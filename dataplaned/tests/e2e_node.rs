@@ -176,7 +176,7 @@ fn kill9_and_restart_keeps_pods_connected_and_readopts_them() {
     assert!(c.ip != a.ip && c.ip != b.ip);
 }
 
-/// `--attach-mode auto` on a tcx kernel: ADD attaches clsact filters (no RCU grace periods on
+/// `--attach-mode fast` on a tcx kernel: ADD attaches clsact filters (no RCU grace periods on
 /// the ADD's path), and the daemon moves the pod to tcx links once ADDs are quiet, while its
 /// connection keeps doing round trips every 20 ms.
 #[test]
@@ -186,7 +186,7 @@ fn pods_attached_with_clsact_at_add_move_to_tcx_links_without_a_stall() {
         "tcx",
         "this kernel has tcx (6.6+): the move is what is tested"
     );
-    let node = SluiceNode::new().unwrap();
+    let node = SluiceNode::with_args(&["--attach-mode", "fast"]).unwrap();
     let a = node.add_pod().unwrap();
     let b = node.add_pod().unwrap();
     let modes = |st: &serde_json::Value| -> Vec<String> {

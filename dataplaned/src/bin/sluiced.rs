@@ -11,9 +11,12 @@ use sluiced::{AttachMode, Config, LbMode, MapSizes};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
-    /// tcx links on Linux >= 6.6 (a pod gets clsact filters at ADD, which skip the RCU grace
-    /// periods of a tcx attach, and is moved to tcx links once ADDs are quiet), clsact otherwise
+    /// tcx on Linux >= 6.6, clsact otherwise
     Auto,
+    /// clsact filters at ADD (no RCU grace periods on the ADD path), moved to tcx links once ADDs
+    /// and DELs are quiet (tcx kernels). Not with a chained plugin that adds an ingress qdisc to
+    /// the host-side veth (the bandwidth plugin): clsact holds that qdisc slot during the ADD.
+    Fast,
     Tcx,
     Tc,
 }
@@ -136,11 +139,11 @@ fn main() -> Result<()> {
         },
         pod_cidr,
         attach_mode: match args.attach_mode {
-            Mode::Auto => AttachMode::detect(),
+            Mode::Auto | Mode::Fast => AttachMode::detect(),
             Mode::Tcx => AttachMode::Tcx,
             Mode::Tc => AttachMode::Tc,
         },
-        fast_add: matches!(args.attach_mode, Mode::Auto),
+        fast_add: matches!(args.attach_mode, Mode::Fast),
         map_sizes: MapSizes {
             frontends: args.frontends_size,
             backends: args.backends_size,
