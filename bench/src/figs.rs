@@ -145,6 +145,24 @@ fn warmup(cfg: &Cfg) -> f64 {
     (cfg.seconds * 0.2).clamp(0.1, 1.0)
 }
 
+/// The connection-rate client from the `clients` namespaces to `targets` (round robin).
+fn conn_client(cfg: &Cfg, clients: &[String], targets: &[SocketAddr]) -> Result<Value> {
+    let tl: Vec<String> = targets.iter().map(|a| a.to_string()).collect();
+    client(&[
+        "conn".into(),
+        "--netns".into(),
+        clients.join(","),
+        "--targets".into(),
+        tl.join(","),
+        "--threads".into(),
+        cfg.threads.to_string(),
+        "--seconds".into(),
+        cfg.seconds.to_string(),
+        "--warmup".into(),
+        warmup(cfg).to_string(),
+    ])
+}
+
 /// Connection rate, request/response latency and one stream towards `targets` (round robin
 /// for connections; the first one for the others), conntrack flushed before each.
 fn trial(cfg: &Cfg, t: &SingleNode, targets: &[SocketAddr]) -> Result<Value> {
@@ -158,19 +176,7 @@ fn trial(cfg: &Cfg, t: &SingleNode, targets: &[SocketAddr]) -> Result<Value> {
     let mut out = json!({});
     if cfg.figures.contains(&Fig::Conn) {
         node.flush_conntrack();
-        let mut v = client(&[
-            "conn".into(),
-            "--netns".into(),
-            clients.join(","),
-            "--targets".into(),
-            tl.join(","),
-            "--threads".into(),
-            cfg.threads.to_string(),
-            "--seconds".into(),
-            cfg.seconds.to_string(),
-            "--warmup".into(),
-            warmup(cfg).to_string(),
-        ])?;
+        let mut v = conn_client(cfg, &clients, targets)?;
         v["conntrack_entries_after"] = json!(node.conntrack_count());
         out["conn"] = v;
     }
@@ -263,20 +269,7 @@ fn np_conn(cfg: &Cfg, t: &TwoNode, targets: &[SocketAddr]) -> Result<Value> {
         .iter()
         .map(|p| p.ns.path().display().to_string())
         .collect();
-    let tl: Vec<String> = targets.iter().map(|a| a.to_string()).collect();
-    client(&[
-        "conn".into(),
-        "--netns".into(),
-        clients.join(","),
-        "--targets".into(),
-        tl.join(","),
-        "--threads".into(),
-        cfg.threads.to_string(),
-        "--seconds".into(),
-        cfg.seconds.to_string(),
-        "--warmup".into(),
-        warmup(cfg).to_string(),
-    ])
+    conn_client(cfg, &clients, targets)
 }
 
 /// Figure 1, NodePort: per round, per N, per mode (rotated), a fresh two-node topology; the

@@ -179,7 +179,6 @@ impl Dataplane for Api {
         self.state.note_add();
         let state = self.state.clone();
         self.locked(move |s, dp| {
-            state.note_add();
             let mut a = s
                 .ipam
                 .get(&r.container_id, &r.ifname)

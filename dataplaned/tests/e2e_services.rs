@@ -422,12 +422,8 @@ fn session_affinity_sticks_to_one_backend() {
     assert!(spread.len() >= 2, "{answers:?}");
 }
 
-#[test]
-fn ten_thousand_services_apply_and_a_lookup_still_succeeds() {
-    let node = SluiceNode::new().unwrap();
-    let client = node.add_pod().unwrap();
-    let b = node.add_pod().unwrap();
-    let _s = echo_server(&b.ns, 8080).unwrap();
+/// 10,000 ClusterIP Services s0..s9999 (10.100.0.1 ...) with `backend`:8080 as their endpoint.
+fn ten_thousand_services(backend: &str) -> String {
     let mut yaml = String::new();
     for i in 0..10_000u32 {
         let vip = format!("10.100.{}.{}", i / 250, i % 250 + 1);
@@ -437,10 +433,20 @@ fn ten_thousand_services_apply_and_a_lookup_still_succeeds() {
             80,
             8080,
             "TCP",
-            &[ready(&b.ip)],
+            &[ready(backend)],
             "",
         ));
     }
+    yaml
+}
+
+#[test]
+fn ten_thousand_services_apply_and_a_lookup_still_succeeds() {
+    let node = SluiceNode::new().unwrap();
+    let client = node.add_pod().unwrap();
+    let b = node.add_pod().unwrap();
+    let _s = echo_server(&b.ns, 8080).unwrap();
+    let yaml = ten_thousand_services(&b.ip);
     let t = Instant::now();
     let out = node.apply(&yaml).unwrap();
     let took = t.elapsed();
@@ -492,19 +498,7 @@ fn a_hundred_pods_ten_thousand_services_and_a_restart() {
     eprintln!("100 pods added in {:?}", t.elapsed());
     let b = &pods[99];
     let _s = echo_server(&b.ns, 8080).unwrap();
-    let mut yaml = String::new();
-    for i in 0..10_000u32 {
-        let vip = format!("10.100.{}.{}", i / 250, i % 250 + 1);
-        yaml.push_str(&service(
-            &format!("s{i}"),
-            &vip,
-            80,
-            8080,
-            "TCP",
-            &[ready(&b.ip)],
-            "",
-        ));
-    }
+    let yaml = ten_thousand_services(&b.ip);
     let t = Instant::now();
     node.apply(&yaml).unwrap();
     eprintln!(

@@ -221,33 +221,28 @@ impl SluiceNode {
             .all(|d| self.bpffs.join(format!("links/{host_if}-{d}")).exists())
     }
 
+    /// `tc filter show` of one direction of the pod's host-side veth.
+    fn tc_filter_text(&self, pod: &Pod, dir: &str) -> String {
+        let out = self
+            .ns
+            .command("tc")
+            .args(["filter", "show", "dev", Self::host_if(pod), dir])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Both clsact filters (from_pod on ingress, to_pod on egress) are on the pod's host-side veth.
     pub fn tc_filters(&self, pod: &Pod) -> bool {
-        let host_if = Self::host_if(pod);
         [("ingress", "from_pod"), ("egress", "to_pod")]
             .iter()
-            .all(|(d, prog)| {
-                let out = self
-                    .ns
-                    .command("tc")
-                    .args(["filter", "show", "dev", host_if, d])
-                    .output()
-                    .unwrap();
-                String::from_utf8_lossy(&out.stdout).contains(prog)
-            })
+            .all(|(d, prog)| self.tc_filter_text(pod, d).contains(prog))
     }
 
     /// Whether the pod's host-side veth has any clsact filter of sluice's left.
     pub fn any_tc_filter(&self, pod: &Pod) -> bool {
-        let host_if = Self::host_if(pod);
         ["ingress", "egress"].iter().any(|d| {
-            let out = self
-                .ns
-                .command("tc")
-                .args(["filter", "show", "dev", host_if, d])
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout);
+            let text = self.tc_filter_text(pod, d);
             text.contains("from_pod") || text.contains("to_pod")
         })
     }
