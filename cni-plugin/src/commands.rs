@@ -337,7 +337,11 @@ pub async fn status(conf: &NetConf) -> Result<()> {
     if reply.ready {
         Ok(())
     } else {
-        Err(unavailable("the daemon reports not ready".into()))
+        Err(unavailable(if reply.reason.is_empty() {
+            "the daemon reports not ready".into()
+        } else {
+            format!("the daemon reports not ready: {}", reply.reason)
+        }))
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod datapath;
 pub mod ipam;
 pub mod nodes;
+pub mod observe;
 pub mod pod;
 pub mod server;
 pub mod services;
@@ -60,6 +61,12 @@ pub struct Config {
     pub lb_mode: LbMode,
     /// How often expired conntrack entries are removed.
     pub ct_gc_interval: Duration,
+    /// The Kubernetes watch (off unless `--kubeconfig`, `--master` or in a pod).
+    pub kube: sources::kube::KubeOptions,
+    /// `/healthz` and `/livez` (kube-proxy's), None: off.
+    pub healthz_bind: Option<std::net::SocketAddr>,
+    /// `/metrics`, None: off.
+    pub metrics_bind: Option<std::net::SocketAddr>,
 }
 
 /// Largest gRPC message either way (an apply of 10,000 Services is a few MB).
@@ -104,6 +111,7 @@ pub async fn run(
                 .await
                 {
                     Ok(Ok(g)) if g.expired > 0 || g.repaired > 0 => {
+                        observe::metrics::get().gc(&g);
                         tracing::debug!(
                             scanned = g.scanned,
                             expired = g.expired,
@@ -111,7 +119,7 @@ pub async fn run(
                             "conntrack gc"
                         )
                     }
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(g)) => observe::metrics::get().gc(&g),
                     Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "conntrack gc"),
                     Err(e) => tracing::warn!(error = %e, "conntrack gc task"),
                 }
@@ -126,6 +134,41 @@ pub async fn run(
                 let _ = tokio::task::spawn_blocking(move || state.upgrade_attachments()).await;
             }
         }));
+    }
+    if let Some(addr) = config.healthz_bind {
+        background.push(tokio::spawn(observe::serve(
+            "healthz",
+            addr,
+            state.clone(),
+            observe::healthz::route,
+        )));
+    }
+    if let Some(addr) = config.metrics_bind {
+        background.push(tokio::spawn(observe::serve(
+            "metrics",
+            addr,
+            state.clone(),
+            observe::metrics::route,
+        )));
+    }
+    {
+        // Health-check node ports answer serviceProxyHealthy from the same notion as /healthz.
+        let state = state.clone();
+        background.push(every(Duration::from_secs(1), move || {
+            let state = state.clone();
+            async move {
+                let h = observe::healthz::proxy_health(&state);
+                state.health.set_proxy_healthy(h.healthy);
+            }
+        }));
+    }
+    if let Some(status) = state.watch.clone() {
+        background.push(tokio::spawn(sources::kube::run(
+            config.kube.clone(),
+            config.node_name.clone(),
+            status,
+            WatchSink(state.clone()),
+        )));
     }
     if config.manifests.is_some() {
         let state = state.clone();
@@ -166,6 +209,7 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
     let result = tonic::transport::Server::builder()
+        .layer(observe::metrics::RpcLayer)
         .add_service(api)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
@@ -174,6 +218,58 @@ pub async fn run(
     }
     tracing::info!("sluiced stopped; programs stay attached and maps pinned");
     result.context("gRPC server")
+}
+
+/// Writes the Kubernetes watch's batches into the services (the same incremental path as an
+/// apply), then nodes and health-check ports when they changed.
+struct WatchSink(Arc<state::State>);
+
+impl sources::kube::Sink for WatchSink {
+    async fn write(&mut self, batch: &sources::kube::Batch, held: usize) -> Result<(), String> {
+        let ops = batch.ops.clone();
+        let first = batch.first;
+        let nodes = first
+            || ops
+                .iter()
+                .any(|(k, _)| k.kind == services::objects::Kind::Node);
+        let changes = ops.len();
+        let st = self.0.clone();
+        let t = std::time::Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
+            let dp = st.datapath.clone();
+            let mut svc = st.services();
+            let r = svc.apply_watched(ops, first, held, &dp.maps);
+            (r, svc.last_timings)
+        })
+        .await
+        .map_err(|e| format!("watch batch task: {e}"))?;
+        match r {
+            (Ok(stats), tm) => {
+                if let Some(s) = batch.since {
+                    observe::metrics::get().synced("kubernetes", s.elapsed());
+                }
+                tracing::info!(
+                    first,
+                    changes,
+                    writes = stats.map_writes(),
+                    services = stats.services,
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    since_event_ms = batch
+                        .since
+                        .map(|s| s.elapsed().as_secs_f64() * 1e3)
+                        .unwrap_or_default(),
+                    model_ms = tm.model_us as f64 / 1e3,
+                    maps_ms = tm.maps_us as f64 / 1e3,
+                    "watch batch applied"
+                );
+                if first || changes > 0 {
+                    self.0.objects_changed(nodes).await;
+                }
+                Ok(())
+            }
+            (Err(e), _) => Err(e.to_string()),
+        }
+    }
 }
 
 /// Runs `f` every `period` (first run after one period) until aborted.

@@ -348,6 +348,12 @@ impl Dataplane for Api {
                 .map(u32::from)
                 .collect(),
         };
+        let ready = self.state.ready().is_ok();
+        let watch = self
+            .state
+            .watch
+            .as_ref()
+            .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).clone());
         let (frontends, sources, degraded, kept) = self
             .services(|svc, _dp| {
                 Ok((
@@ -375,7 +381,7 @@ impl Dataplane for Api {
                 })
                 .collect();
             Ok(Response::new(StatusReply {
-                ready: true,
+                ready,
                 node_name,
                 network: Some(network),
                 pod_cidr: s.ipam.cidr().to_string(),
@@ -399,12 +405,26 @@ impl Dataplane for Api {
                 ))),
                 sources: sources
                     .into_iter()
-                    .map(|s| SourceStatus {
-                        name: s.name,
-                        loaded: s.loaded,
-                        loaded_once: s.loaded_once,
-                        objects: s.objects as u32,
-                        last_error: s.last_error,
+                    .map(|s| match watch.as_ref().filter(|w| w.source == s.name) {
+                        // The watch's own view: connection, lists, errors.
+                        Some(w) => SourceStatus {
+                            name: s.name,
+                            loaded: s.loaded_once && w.ready().is_ok(),
+                            loaded_once: s.loaded_once,
+                            objects: w.objects as u32,
+                            last_error: w.last_error.clone(),
+                            sync_state: w.sync_state(),
+                            server: w.server_line(),
+                        },
+                        None => SourceStatus {
+                            name: s.name,
+                            loaded: s.loaded,
+                            loaded_once: s.loaded_once,
+                            objects: s.objects as u32,
+                            last_error: s.last_error,
+                            sync_state: String::new(),
+                            server: String::new(),
+                        },
                     })
                     .collect(),
                 services_degraded: degraded,
@@ -415,11 +435,12 @@ impl Dataplane for Api {
     }
 
     async fn ready(&self, _req: Request<StatusRequest>) -> Result<Response<ReadyReply>, Status> {
-        // Serving at all means the datapath is loaded and IPAM open (run() starts the server
-        // only then).
+        let r = self.state.ready();
+        crate::observe::metrics::get().verb("STATUS", r.is_ok());
         Ok(Response::new(ReadyReply {
-            ready: true,
+            ready: r.is_ok(),
             node_name: self.state.node_name.clone(),
+            reason: r.err().unwrap_or_default(),
         }))
     }
 

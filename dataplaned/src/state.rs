@@ -83,6 +83,8 @@ pub struct State {
     last_add: Mutex<Instant>,
     /// Pods whose move to tcx links failed: left on clsact until the next start.
     upgrade_failed: Mutex<HashSet<String>>,
+    /// The Kubernetes watch's state, when one is configured.
+    pub watch: Option<crate::sources::kube::Shared>,
 }
 
 /// Pods attached with clsact at ADD move to tcx links once no ADD or DEL came for this long: a move
@@ -178,6 +180,11 @@ impl State {
                 name: config.node_name.clone(),
                 pod_cidr: Some((config.pod_cidr.network, config.pod_cidr.prefix)),
             },
+            config
+                .kube
+                .enabled()
+                .then(|| config.kube.describe())
+                .as_deref(),
         )
         .context("loading services")?;
         // This node's Node object names its pod CIDR: it wins over --pod-cidr (as the cluster's
@@ -214,6 +221,11 @@ impl State {
             health: Default::default(),
             last_add: Mutex::new(Instant::now()),
             upgrade_failed: Mutex::new(HashSet::new()),
+            watch: config.kube.enabled().then(|| {
+                Arc::new(Mutex::new(crate::sources::kube::WatchStatus::new(
+                    &config.kube,
+                )))
+            }),
         })
     }
 
@@ -297,6 +309,16 @@ impl State {
 
     pub fn services(&self) -> MutexGuard<'_, Services> {
         self.services.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether pods may be set up (CNI STATUS); Err: why not. Serving at all means the datapath
+    /// is loaded and IPAM open; with a Kubernetes watch, its first sync must be written and the
+    /// API server not away longer than the limit.
+    pub fn ready(&self) -> Result<(), String> {
+        match &self.watch {
+            Some(w) => w.lock().unwrap_or_else(|p| p.into_inner()).ready(),
+            None => Ok(()),
+        }
     }
 
     pub fn attach_mode(&self) -> AttachMode {

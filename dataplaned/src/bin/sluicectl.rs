@@ -384,6 +384,7 @@ async fn status(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()
     for src in &s.sources {
         let state = match (src.loaded, src.loaded_once) {
             (true, _) => "loaded",
+            (false, true) if !src.sync_state.is_empty() => "synced once, not ready now",
             (false, true) => "loaded, last change failed",
             (false, false) => "DEGRADED (not loaded yet)",
         };
@@ -391,6 +392,12 @@ async fn status(client: &mut DataplaneClient<Channel>, out: Output) -> Result<()
             "  {:<40} {:<28} {:>6} objects",
             src.name, state, src.objects
         );
+        if !src.server.is_empty() {
+            println!("    server: {}", src.server);
+        }
+        if !src.sync_state.is_empty() {
+            println!("    sync: {}", src.sync_state);
+        }
         if !src.last_error.is_empty() {
             println!("    last error: {}", src.last_error);
         }

@@ -110,8 +110,37 @@ struct Args {
     #[arg(long, value_enum, default_value = "dsr")]
     lb_mode: LbModeArg,
     /// Remove everything this daemon created (pins, attachments, state, socket) and exit
+    /// Watch Services, EndpointSlices and Nodes through the API server this kubeconfig names
+    /// (without it and --master, in a pod: the in-cluster config; elsewhere: standalone).
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// The API server's URL (over the kubeconfig's server, as kube-proxy's --master).
+    #[arg(long, value_name = "URL")]
+    master: Option<String>,
+    /// CNI STATUS reports not ready once the API server has been unreachable this many seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    kube_unreachable_limit: u64,
+    /// Where /healthz and /livez are served (kube-proxy's); "" turns them off.
+    #[arg(long, default_value = "0.0.0.0:10256", value_name = "ADDR")]
+    healthz_bind_address: String,
+    /// Where /metrics (Prometheus text format) is served; "" turns it off.
+    #[arg(long, default_value = "127.0.0.1:10249", value_name = "ADDR")]
+    metrics_bind_address: String,
     #[arg(long)]
     cleanup: bool,
+}
+
+/// "" is off; otherwise HOST:PORT (kube-proxy also takes a bare IP: its default port then).
+fn bind_address(flag: &str, s: &str, default_port: u16) -> Result<Option<std::net::SocketAddr>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(Some((ip, default_port).into()));
+    }
+    s.parse()
+        .map(Some)
+        .with_context(|| format!("--{flag} {s:?}: want IP:PORT"))
 }
 
 fn main() -> Result<()> {
@@ -172,6 +201,16 @@ fn main() -> Result<()> {
             LbModeArg::Tunnel => LbMode::Tunnel,
         },
         ct_gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
+        kube: sluiced::sources::kube::KubeOptions {
+            kubeconfig: args.kubeconfig.clone(),
+            master: args.master.clone(),
+            in_cluster: args.kubeconfig.is_none()
+                && args.master.is_none()
+                && sluiced::sources::kube::in_pod(),
+            unreachable_limit: Duration::from_secs(args.kube_unreachable_limit),
+        },
+        healthz_bind: bind_address("healthz-bind-address", &args.healthz_bind_address, 10256)?,
+        metrics_bind: bind_address("metrics-bind-address", &args.metrics_bind_address, 10249)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,10 +32,22 @@ pub struct Answer {
 
 type Answers = Arc<Mutex<BTreeMap<u16, Answer>>>;
 
-#[derive(Default)]
 pub struct HealthServers {
     answers: Answers,
     listeners: Mutex<BTreeMap<u16, JoinHandle<()>>>,
+    /// The dataplane's own health (`/healthz`'s): false makes every port answer 503 with
+    /// serviceProxyHealthy false, as kube-proxy's do.
+    proxy_healthy: Arc<AtomicBool>,
+}
+
+impl Default for HealthServers {
+    fn default() -> Self {
+        HealthServers {
+            answers: Answers::default(),
+            listeners: Mutex::default(),
+            proxy_healthy: Arc::new(AtomicBool::new(true)),
+        }
+    }
 }
 
 impl HealthServers {
@@ -60,13 +73,25 @@ impl HealthServers {
             match bind(*port) {
                 Ok(l) => {
                     tracing::info!(port, service = %svc, "health-check node port serving");
-                    listeners.insert(*port, tokio::spawn(serve(l, *port, self.answers.clone())));
+                    listeners.insert(
+                        *port,
+                        tokio::spawn(serve(
+                            l,
+                            *port,
+                            self.answers.clone(),
+                            self.proxy_healthy.clone(),
+                        )),
+                    );
                 }
                 Err(e) => {
                     tracing::error!(port, service = %svc, error = %e, "binding a health-check node port (tried again at the next reconcile)")
                 }
             }
         }
+    }
+
+    pub fn set_proxy_healthy(&self, healthy: bool) {
+        self.proxy_healthy.store(healthy, Ordering::Relaxed);
     }
 
     /// The ports being served.
@@ -96,21 +121,29 @@ fn bind(port: u16) -> std::io::Result<TcpListener> {
     sock.listen(128)
 }
 
-async fn serve(listener: TcpListener, port: u16, answers: Answers) {
+async fn serve(listener: TcpListener, port: u16, answers: Answers, proxy: Arc<AtomicBool>) {
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let answers = answers.clone();
+        let proxy = proxy.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(conn, port, answers)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), answer(conn, port, answers, proxy))
+                    .await;
         });
     }
 }
 
 /// Reads the request head (whatever it asks, kube-proxy answers the same) and answers.
-async fn answer(mut conn: TcpStream, port: u16, answers: Answers) -> std::io::Result<()> {
+async fn answer(
+    mut conn: TcpStream,
+    port: u16,
+    answers: Answers,
+    proxy: Arc<AtomicBool>,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
@@ -130,7 +163,8 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers) -> std::io::Re
             .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             .await;
     };
-    conn.write_all(&response(&a.service, a.local, a.healthy))
+    let healthy = a.healthy && proxy.load(Ordering::Relaxed);
+    conn.write_all(&response(&a.service, a.local, healthy))
         .await?;
     conn.shutdown().await
 }

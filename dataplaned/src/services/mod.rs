@@ -170,6 +170,8 @@ pub struct Services {
     store: ObjectStore,
     applied: AppliedLog,
     manifests: Option<ManifestsDir>,
+    /// The Kubernetes watch, when configured (its objects come through [`Services::apply_watched`]).
+    kube: Option<SourceStatus>,
     model: Model,
     writer: Writer,
     /// Services whose maps may lag the model (a sync failed): synced again with the next change.
@@ -276,6 +278,7 @@ impl Services {
         maps: &Maps,
         limits: Limits,
         local: LocalNode,
+        kube: Option<&str>,
     ) -> Result<Services> {
         // Each thread that allocates gets a glibc arena that keeps what it freed: with the API's
         // blocking pool and the parser threads, many idle copies of a large apply's buffers
@@ -318,6 +321,7 @@ impl Services {
             store,
             applied,
             manifests,
+            kube: kube.map(SourceStatus::new),
             model: Model::for_node(&local.name, local.pod_cidr),
             writer,
             dirty: BTreeSet::new(),
@@ -445,6 +449,7 @@ impl Services {
             })
             .collect();
         let t = std::time::Instant::now();
+        let started = t;
         let (changes, undo) = self.store.stage(origin, ops);
         let touched = self.model.apply(&changes);
         let batch = self.batch(touched);
@@ -497,6 +502,16 @@ impl Services {
                 self.dirty.clear();
                 self.last_sync = st;
                 self.refresh_health(&batch);
+                // The watch's batches are timed from their first event (lib.rs WatchSink).
+                match origin {
+                    Origin::Applied => {
+                        crate::observe::metrics::get().synced("applied", started.elapsed())
+                    }
+                    Origin::Manifest(_) => {
+                        crate::observe::metrics::get().synced("manifests", started.elapsed())
+                    }
+                    Origin::Kubernetes => {}
+                }
                 if let Err(e) = self.applied.maybe_compact() {
                     tracing::error!(error = %format!("{e:#}"), "compacting the objects log (it stays as it is)");
                 }
@@ -589,6 +604,36 @@ impl Services {
         Ok(())
     }
 
+    /// Makes the Kubernetes source hold what `ops` says (a batch of the watch: only objects
+    /// that changed). `complete`: with this batch the source holds everything the API server
+    /// has (its first full list is in); until then nothing the maps hold is pruned. On error
+    /// nothing changed.
+    pub fn apply_watched(
+        &mut self,
+        ops: Vec<(ObjectKey, Option<Arc<objects::Spec>>)>,
+        complete: bool,
+        held: usize,
+        maps: &Maps,
+    ) -> Result<SyncStats, ApplyError> {
+        let Some(status) = self.kube.as_mut() else {
+            return Err(ApplyError::Internal(anyhow::anyhow!(
+                "no Kubernetes source is configured"
+            )));
+        };
+        let before = status.clone();
+        // Loaded before the change, so that a successful first full batch also prunes.
+        if complete {
+            status.set(true, None);
+        }
+        let r = self.change(&Origin::Kubernetes, ops, &[], maps);
+        if r.is_err() {
+            self.kube = Some(before);
+        } else if let Some(s) = self.kube.as_mut() {
+            s.objects = held;
+        }
+        r
+    }
+
     /// The Node objects in effect, by name (for the nodes room: peers, routes, this node's pod
     /// CIDR).
     pub fn nodes(&self) -> Vec<(String, objects::NodeSpec)> {
@@ -613,6 +658,7 @@ impl Services {
     pub fn sources(&self) -> Vec<SourceStatus> {
         let mut out = vec![self.applied.status.clone()];
         out.extend(self.manifests.iter().map(|m| m.status.clone()));
+        out.extend(self.kube.iter().cloned());
         out
     }
 

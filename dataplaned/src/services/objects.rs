@@ -456,7 +456,8 @@ fn parse_typed(chunk: &str, head: &Head) -> Result<Parsed, ()> {
     finish(typed, chunk.to_string()).map_err(drop)
 }
 
-enum Typed {
+/// A typed object, as a document parses to or as the Kubernetes API serves it.
+pub enum Typed {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Node(Node),
@@ -551,6 +552,18 @@ fn check_names(kind: Kind, name: &str, namespace: Option<&str>) -> Result<(), (S
         }
     }
     Ok(())
+}
+
+/// An object from the Kubernetes API, validated and reduced as a document's object is (no raw
+/// text: the API server, not sluice, keeps it).
+pub fn from_object(obj: Typed, source_name: &str) -> Result<Parsed, ObjectError> {
+    finish(obj, String::new()).map_err(|(object, field, message)| ObjectError {
+        source_name: source_name.to_string(),
+        document: 1,
+        object,
+        field,
+        message,
+    })
 }
 
 /// Validates a typed object and reduces it to its key and spec.

@@ -15,6 +15,9 @@ use super::FastMap;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Origin {
     Applied,
+    /// The Kubernetes watch (`--kubeconfig`/`--master`): over objects applied by hand, under
+    /// the node's manifests.
+    Kubernetes,
     Manifest(Arc<Path>),
 }
 

@@ -1,9 +1,10 @@
 //! Where objects come from: `sluicectl apply` ([`applied`], persisted in an append-only log) and
-//! the manifests directory ([`manifests`], with a durable copy of each file's last good version);
-//! a Kubernetes watch will be a third. Each yields parsed objects for keys (or their removal) and
+//! the manifests directory ([`manifests`], with a durable copy of each file's last good version)
+//! and the Kubernetes watch ([`kube`]). Each yields parsed objects for keys (or their removal) and
 //! says whether it has loaded completely; none knows the model. The services store merges them.
 
 pub mod applied;
+pub mod kube;
 pub mod manifests;
 
 use serde::Serialize;
