@@ -69,6 +69,9 @@ pub struct Config {
     pub metrics_bind: Option<std::net::SocketAddr>,
 }
 
+/// `<state-dir>/pod-cidr`: the pod CIDR the last start used.
+pub const POD_CIDR_FILE: &str = "pod-cidr";
+
 /// Largest gRPC message either way (an apply of 10,000 Services is a few MB).
 pub const MAX_MESSAGE: usize = 256 << 20;
 
@@ -86,6 +89,13 @@ pub async fn run(
     enable_forwarding();
 
     let state = Arc::new(state::State::open(&config).context("starting the dataplane")?);
+    // The CIDR in use, for a restart that cannot ask the API server (bin/sluiced.rs).
+    if let Err(e) = std::fs::write(
+        config.state_dir.join(POD_CIDR_FILE),
+        format!("{}\n", state.pod_cidr()),
+    ) {
+        tracing::warn!(error = %e, "recording the pod CIDR in use");
+    }
     state.reconcile_at_start().await;
     state.objects_changed(true).await;
     tracing::info!(node = %config.node_name, pod_cidr = %state.pod_cidr(), node_ip = %state.uplinks.node_ip,

@@ -151,9 +151,13 @@ fn slice(name: &str, svc: &str, ips: &[&str]) -> Value {
 }
 
 fn own_node(finalizer: bool) -> Value {
+    own_node_with(finalizer, "10.244.0.0/24")
+}
+
+fn own_node_with(finalizer: bool, pod_cidr: &str) -> Value {
     let mut n = json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "test-node", "labels": {"topology.kubernetes.io/zone": "z1"}},
-        "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"]},
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
         "status": {"addresses": [{"type": "InternalIP", "address": "192.168.200.1"}]}});
     if finalizer {
         n["metadata"]["finalizers"] = json!(["sluice.test/hold"]);
@@ -219,9 +223,19 @@ fn http_get(node: &SluiceNode, port: u16, path: &str) -> Result<(u16, String)> {
 }
 
 fn start_node(kube: &KubeApiServer, extra: &[&str]) -> Result<(SluiceNode, Relay)> {
+    start_node_with(kube, extra, Some("10.244.0.0/24"))
+}
+
+fn start_node_with(
+    kube: &KubeApiServer,
+    extra: &[&str],
+    pod_cidr: Option<&str>,
+) -> Result<(SluiceNode, Relay)> {
     // The node's namespace must exist before the relay: a node without a daemon first.
     let mut node = SluiceNode::with_args(&[])?;
     node.stop_daemon()?;
+    std::fs::remove_dir_all(node.state_dir())?;
+    node.pod_cidr = pod_cidr.map(str::to_string);
     let relay = Relay::into_netns(&node.ns, target_of(kube)?)?;
     let kc = node_kubeconfig(kube, &relay, node.dir.path())?;
     node.extra_args = ["--kubeconfig", &kc, "--kube-unreachable-limit", "3"]
@@ -379,6 +393,15 @@ fn watched_objects_reach_the_datapath_through_restarts_and_api_outages() -> Resu
     let _late = node.add_pod()?;
     let (code, text) = http_get(&node, 10249, "/metrics")?;
     ensure!(code == 200, "/metrics {code}");
+    for l in text.lines().filter(|l| {
+        l.starts_with("sluice_kubernetes")
+            || l.starts_with("sluice_cni_requests")
+            || l.starts_with("sluice_sync_duration_seconds_count")
+            || l.starts_with("sluice_sync_duration_seconds_sum")
+            || l.contains("name=\"web\"")
+    }) {
+        eprintln!("scraped: {l}");
+    }
     let lines: Vec<std::io::Result<String>> = text.lines().map(|l| Ok(l.to_string())).collect();
     let scrape = prometheus_parse::Scrape::parse(lines.into_iter())?;
     let value = |name: &str, want: &[(&str, &str)]| -> Option<f64> {
@@ -452,14 +475,27 @@ fn a_relist_after_410_removes_what_was_deleted_while_the_watch_was_down() -> Res
     // No watch cache and compaction every 5 s: a watch resumed from an old resourceVersion gets
     // 410 Expired, and the watcher must relist.
     let kube = KubeApiServer::start(&["--watch-cache=false", "--etcd-compaction-interval=5s"])?;
-    kube.create(&own_node(false))?;
+    // This node takes its pod CIDR from its Node (no --pod-cidr), as in a DaemonSet.
+    kube.create(&own_node_with(false, "10.244.5.0/24"))?;
     kube.create(&service("a", "10.96.8.1", 80))?;
     kube.create(&slice("a-1", "a", &["10.244.0.201"]))?;
     kube.create(&service("b", "10.96.8.2", 80))?;
     kube.create(&slice("b-1", "b", &["10.244.0.202"]))?;
-    let (node, relay) = start_node(&kube, &[])?;
+    let (node, relay) = start_node_with(&kube, &[], None)?;
     wait_synced(&node, Duration::from_secs(30))?;
     ensure!(served(&node, "b")? == ["10.244.0.202"]);
+    let st = node.status_json()?;
+    ensure!(
+        st["pod_cidr"] == "10.244.5.0/24",
+        "the pod CIDR is the Node's: {}",
+        st["pod_cidr"]
+    );
+    let pod = node.add_pod()?;
+    ensure!(
+        pod.ip.starts_with("10.244.5."),
+        "a pod's IP from the Node's CIDR: {}",
+        pod.ip
+    );
     relay.cut();
     kube.delete(&slice("b-1", "b", &[]))?;
     kube.delete(&service("b", "", 0))?;

@@ -43,8 +43,11 @@ struct Args {
     #[arg(long)]
     node_name: Option<String>,
     /// The pod CIDR this node allocates from
-    #[arg(long, default_value = "10.244.0.0/24")]
-    pod_cidr: String,
+    /// This node's pod CIDR. Default: with a Kubernetes watch, the Node's `spec.podCIDR` (the
+    /// CIDR used last, stored in the state dir, while the API server cannot be reached);
+    /// otherwise 10.244.0.0/24.
+    #[arg(long)]
+    pod_cidr: Option<String>,
     /// How programs are attached to pod veths
     #[arg(long, value_enum, default_value = "auto")]
     attach_mode: Mode,
@@ -154,18 +157,38 @@ fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
-    let pod_cidr: Cidr = args.pod_cidr.parse()?;
+    let flag_cidr: Option<Cidr> = args.pod_cidr.as_deref().map(str::parse).transpose()?;
     if args.cleanup {
-        return cleanup(&args, pod_cidr);
+        return cleanup(&args, flag_cidr.unwrap_or(DEFAULT_POD_CIDR.parse()?));
     }
+    let node_name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    let kube = sluiced::sources::kube::KubeOptions {
+        kubeconfig: args.kubeconfig.clone(),
+        master: args.master.clone(),
+        in_cluster: args.kubeconfig.is_none()
+            && args.master.is_none()
+            && sluiced::sources::kube::in_pod(),
+        unreachable_limit: Duration::from_secs(args.kube_unreachable_limit),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let pod_cidr = match flag_cidr {
+        Some(c) => c,
+        None if kube.enabled() => {
+            runtime.block_on(cluster_pod_cidr(&kube, &node_name, &args.state_dir))
+        }
+        None => DEFAULT_POD_CIDR.parse()?,
+    };
     let config = Config {
         socket: args.socket.clone(),
         state_dir: args.state_dir.clone(),
         bpffs: args.bpffs.clone(),
-        node_name: match &args.node_name {
-            Some(n) => n.clone(),
-            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
-        },
+        node_name,
         pod_cidr,
         attach_mode: match args.attach_mode {
             Mode::Auto | Mode::Fast => AttachMode::detect(),
@@ -201,21 +224,10 @@ fn main() -> Result<()> {
             LbModeArg::Tunnel => LbMode::Tunnel,
         },
         ct_gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
-        kube: sluiced::sources::kube::KubeOptions {
-            kubeconfig: args.kubeconfig.clone(),
-            master: args.master.clone(),
-            in_cluster: args.kubeconfig.is_none()
-                && args.master.is_none()
-                && sluiced::sources::kube::in_pod(),
-            unreachable_limit: Duration::from_secs(args.kube_unreachable_limit),
-        },
+        kube,
         healthz_bind: bind_address("healthz-bind-address", &args.healthz_bind_address, 10256)?,
         metrics_bind: bind_address("metrics-bind-address", &args.metrics_bind_address, 10249)?,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     runtime.block_on(async {
         let listener = sluiced::bind_socket(&config.socket)?;
         let socket = config.socket.clone();
@@ -223,6 +235,46 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_file(socket);
         result
     })
+}
+
+const DEFAULT_POD_CIDR: &str = "10.244.0.0/24";
+
+/// The pod CIDR of a watched node without `--pod-cidr`: its Node's; while the API server cannot
+/// be reached (5 s), the one used last (`<state-dir>/pod-cidr`, written at every start) so that
+/// a restart never waits for the control plane; with neither, waits for the Node to have one.
+async fn cluster_pod_cidr(
+    kube: &sluiced::sources::kube::KubeOptions,
+    node: &str,
+    state_dir: &std::path::Path,
+) -> Cidr {
+    let stored = std::fs::read_to_string(state_dir.join(sluiced::POD_CIDR_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<Cidr>().ok());
+    let started = std::time::Instant::now();
+    loop {
+        let asked = tokio::time::timeout(
+            Duration::from_secs(5),
+            sluiced::sources::kube::own_pod_cidr(kube, node),
+        )
+        .await;
+        match asked {
+            Ok(Ok(Some(c))) => match c.parse::<Cidr>() {
+                Ok(c) => {
+                    tracing::info!(pod_cidr = %c, node, "pod CIDR from this node's Node");
+                    return c;
+                }
+                Err(e) => tracing::error!(pod_cidr = %c, error = %e, "this node's Node has a pod CIDR sluice cannot use"),
+            },
+            Ok(Ok(None)) => tracing::warn!(node, "this node's Node has no spec.podCIDR yet (kube-controller-manager --allocate-node-cidrs); waiting"),
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "reading this node's pod CIDR from the API server"),
+            Err(_) => tracing::warn!("the API server did not answer within 5 s"),
+        }
+        if let Some(c) = stored.filter(|_| started.elapsed() >= Duration::from_secs(5)) {
+            tracing::warn!(pod_cidr = %c, "using the pod CIDR of the last start until the API server answers (a change takes effect at the next start)");
+            return c;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {

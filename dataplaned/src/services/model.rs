@@ -101,6 +101,9 @@ pub struct EndpointState {
     pub terminating: bool,
     #[serde(serialize_with = "node_name")]
     pub node: Option<Arc<str>>,
+    /// Zones its topology hints name (empty: none).
+    #[serde(skip)]
+    pub zone_hints: Vec<Arc<str>>,
 }
 
 fn node_name<S: serde::Serializer>(n: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
@@ -348,6 +351,12 @@ impl Model {
         }
     }
 
+    /// This node's zone, from its Node's label.
+    fn own_zone(&self) -> Option<&str> {
+        let spec = self.nodes.get(&*self.local_node)?;
+        node_of(spec)?.zone.as_deref()
+    }
+
     /// The Node objects in effect, by name.
     pub fn nodes(&self) -> Vec<(String, super::objects::NodeSpec)> {
         self.nodes
@@ -544,7 +553,10 @@ impl Model {
             .ports
             .iter()
             .map(|sp| {
-                let cluster = backend_set(&slices, sp);
+                let mut cluster = backend_set(&slices, sp);
+                if let Some(z) = self.own_zone() {
+                    prefer_zone(&mut cluster, z);
+                }
                 let placement: Vec<(Backend, Placement)> = cluster
                     .endpoints
                     .iter()
@@ -634,6 +646,23 @@ fn frontend_keys(spec: &ServiceSpec) -> Vec<FrontendKey> {
     out
 }
 
+/// Topology hints, as kube-proxy reads them (pkg/proxy/topology.go): when every ready endpoint
+/// has a zone hint and some are for this node's zone, new flows of the cluster set go only to
+/// those (the serving+terminating fallback is narrowed the same way). Otherwise hints are
+/// ignored. The local set (traffic policy Local) never looks at hints.
+fn prefer_zone(set: &mut BackendSet, zone: &str) {
+    let ready = || set.endpoints.iter().filter(|e| e.usable());
+    let all_hinted = ready().next().is_some() && ready().all(|e| !e.zone_hints.is_empty());
+    if !all_hinted || !ready().any(|e| e.zone_hints.iter().any(|z| &**z == zone)) {
+        return;
+    }
+    set.ready = usable(
+        set.endpoints
+            .iter()
+            .filter(|e| e.zone_hints.iter().any(|z| &**z == zone)),
+    );
+}
+
 /// The endpoints that get new flows among `eps` (distinct, sorted by backend): the ready ones,
 /// or if none is, the serving+terminating ones.
 fn usable<'a>(eps: impl Iterator<Item = &'a EndpointState> + Clone) -> Vec<Backend> {
@@ -658,6 +687,7 @@ fn backend_set(slices: &[&SliceSpec], sp: &ServicePort) -> BackendSet {
                     serving: ep.serving,
                     terminating: ep.terminating,
                     node: ep.node.clone(),
+                    zone_hints: ep.zone_hints.clone(),
                 });
             }
         }
@@ -1140,6 +1170,48 @@ status: {addresses: [{type: InternalIP, address: 192.168.77.2}]}
         let mut m = Model::for_node(node, parse_cidr("10.244.1.0/24"));
         m.apply(&changes(yaml));
         m
+    }
+
+    #[test]
+    fn zone_hints_count_only_when_every_ready_endpoint_has_one_and_this_zone_is_among_them() {
+        let hinted = |eps: &str, zone: &str| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: 80}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: IPv4\nendpoints:\n{eps}---\n\
+                 apiVersion: v1\nkind: Node\nmetadata: {{name: node-a, labels: {{topology.kubernetes.io/zone: {zone}}}}}\nspec: {{podCIDR: 10.244.1.0/24}}\n"
+            );
+            let d = model_on("node-a", &yaml).desired(&web());
+            let mut ips: Vec<String> = d.ports[0]
+                .cluster
+                .ready
+                .iter()
+                .map(|b| b.ip.to_string())
+                .collect();
+            ips.sort();
+            ips
+        };
+        let eps = "- {addresses: [10.244.1.5], hints: {forZones: [{name: z1}]}}\n\
+                   - {addresses: [10.244.2.5], hints: {forZones: [{name: z2}]}}\n\
+                   - {addresses: [10.244.2.6], conditions: {ready: false}}\n";
+        assert_eq!(
+            hinted(eps, "z1"),
+            ["10.244.1.5"],
+            "this zone's endpoints only"
+        );
+        assert_eq!(hinted(eps, "z2"), ["10.244.2.5"]);
+        assert_eq!(
+            hinted(eps, "z3"),
+            ["10.244.1.5", "10.244.2.5"],
+            "no endpoint for this zone: hints ignored"
+        );
+        let partial = "- {addresses: [10.244.1.5], hints: {forZones: [{name: z1}]}}\n\
+                       - {addresses: [10.244.2.5]}\n";
+        assert_eq!(
+            hinted(partial, "z1"),
+            ["10.244.1.5", "10.244.2.5"],
+            "a ready endpoint without a hint: hints ignored"
+        );
     }
 
     fn shop_lb() -> ServiceKey {

@@ -206,10 +206,17 @@ pub struct SliceEndpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node: Option<Arc<str>>,
+    /// `hints.forZones[].name` (empty: no hints).
+    pub zone_hints: Vec<Arc<str>>,
 }
+
+/// The label naming a Node's zone (topology hints are for it).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeSpec {
+    /// The `topology.kubernetes.io/zone` label.
+    pub zone: Option<Arc<str>>,
     /// `spec.podCIDRs` (or `spec.podCIDR`).
     pub pod_cidrs: Vec<Box<str>>,
     /// `status.addresses` of type InternalIP.
@@ -743,6 +750,14 @@ fn slice_spec(e: &EndpointSlice) -> SliceSpec {
                         serving: c.and_then(|c| c.serving).unwrap_or(true),
                         terminating: c.and_then(|c| c.terminating).unwrap_or(false),
                         node: ep.node_name.as_deref().map(Into::into),
+                        zone_hints: ep
+                            .hints
+                            .as_ref()
+                            .and_then(|h| h.for_zones.as_ref())
+                            .into_iter()
+                            .flatten()
+                            .map(|z| z.name.as_str().into())
+                            .collect(),
                     }
                 })
                 .collect()
@@ -762,6 +777,12 @@ fn node_spec(n: &Node) -> NodeSpec {
         pod_cidrs.extend(spec.and_then(|s| s.pod_cidr.as_deref()).map(Into::into));
     }
     NodeSpec {
+        zone: n
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .map(|z| z.as_str().into()),
         pod_cidrs,
         internal_ips: n
             .status

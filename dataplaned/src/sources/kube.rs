@@ -487,6 +487,25 @@ async fn client(opts: &KubeOptions) -> Result<(Client, String)> {
     ))
 }
 
+/// This node's pod CIDR from its Node (`spec.podCIDRs`' IPv4 one, else `spec.podCIDR`): for a
+/// sluiced without `--pod-cidr` (a DaemonSet cannot pass one per node; kube-controller-manager
+/// `--allocate-node-cidrs` sets it). Ok(None): the Node has none (yet).
+pub async fn own_pod_cidr(opts: &KubeOptions, node: &str) -> Result<Option<String>> {
+    let (c, url) = client(opts).await?;
+    let n = Api::<Node>::all(c)
+        .get_opt(node)
+        .await
+        .with_context(|| format!("reading Node {node} from {url}"))?
+        .with_context(|| format!("there is no Node {node} at {url}"))?;
+    let spec = n.spec.unwrap_or_default();
+    Ok(spec
+        .pod_cidrs
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| !c.contains(':'))
+        .or(spec.pod_cidr.filter(|c| !c.contains(':'))))
+}
+
 /// The EndpointSlice version the server serves: v1, else v1beta1.
 async fn slice_resource(client: &Client) -> Result<ApiResource> {
     let groups = client
@@ -1082,6 +1101,44 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_v1_slice_event_keeps_hints_and_node_names() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-a", "namespace": "ns", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "node-a", "zone": "z1",
+                           "hints": {"forZones": [{"name": "z1"}]}}]
+        }))
+        .unwrap();
+        let Change::Apply(key, Ok(spec)) = slice_change(WatchEvent::Apply(obj.clone()), false)
+        else {
+            panic!("not an apply")
+        };
+        assert_eq!(key.to_string(), "EndpointSlice ns/web-a");
+        let Spec::EndpointSlice(sl) = &*spec else {
+            panic!("{spec:?}")
+        };
+        assert_eq!(sl.endpoints[0].node.as_deref(), Some("node-a"));
+        assert_eq!(sl.endpoints[0].zone_hints, [Arc::<str>::from("z1")]);
+        assert!(matches!(
+            slice_change(WatchEvent::Delete(obj), false),
+            Change::Delete(k) if k == key
+        ));
+        // A slice this validation rejects: an error, not a panic or a silent drop.
+        let bad: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-b", "namespace": "ns"},
+            "addressType": "IPv4", "ports": [{"port": 99999}], "endpoints": []
+        }))
+        .unwrap();
+        assert!(matches!(
+            slice_change(WatchEvent::Apply(bad), false),
+            Change::Apply(_, Err(_))
+        ));
     }
 
     #[test]

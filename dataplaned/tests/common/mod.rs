@@ -60,6 +60,8 @@ pub struct SluiceNode {
     pub extra_args: Vec<String>,
     pub node_ip: String,
     pub ext_ip: String,
+    /// `--pod-cidr` (None: not passed, e.g. to take it from the watched Node).
+    pub pod_cidr: Option<String>,
 }
 
 impl SluiceNode {
@@ -87,6 +89,7 @@ impl SluiceNode {
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             node_ip: "192.168.200.1".into(),
             ext_ip: "192.168.200.2".into(),
+            pod_cidr: Some("10.244.0.0/24".into()),
         };
         node.write_conflist("1.0.0", &[])?;
         node.start_daemon()?;
@@ -128,7 +131,12 @@ impl SluiceNode {
             .arg(self.state_dir())
             .arg("--bpffs")
             .arg(&self.bpffs)
-            .args(["--node-name", "test-node", "--pod-cidr", "10.244.0.0/24"])
+            .args(["--node-name", "test-node"])
+            .args(
+                self.pod_cidr
+                    .iter()
+                    .flat_map(|c| ["--pod-cidr", c.as_str()]),
+            )
             .args(&self.extra_args)
             .env("SLUICE_LOG", "info")
             .stdout(Stdio::null())
