@@ -70,6 +70,12 @@ impl Relay {
                 };
                 {
                     let mut l = l.lock().unwrap();
+                    // Cut while this one was being connected: it must not survive the cut.
+                    if c.load(Ordering::SeqCst) {
+                        let _ = conn.shutdown(Shutdown::Both);
+                        let _ = up.shutdown(Shutdown::Both);
+                        continue;
+                    }
                     l.push(conn.try_clone().unwrap());
                     l.push(up.try_clone().unwrap());
                 }
@@ -100,8 +106,9 @@ impl Relay {
 
     /// Closes every relayed connection and refuses new ones: the API server is away.
     fn cut(&self) {
+        let mut live = self.live.lock().unwrap();
         self.cut.store(true, Ordering::SeqCst);
-        for s in self.live.lock().unwrap().drain(..) {
+        for s in live.drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
@@ -360,11 +367,13 @@ fn watched_objects_reach_the_datapath_through_restarts_and_api_outages() -> Resu
     kube.update(&slice("web-1", "web", &[&b2.ip]))?;
     wait_for(
         "the change after the outage",
-        Duration::from_secs(15),
+        // the slice watcher may still be in its backoff (up to ~30 s)
+        Duration::from_secs(60),
         || Ok(served(&node, "web")? == [b2.ip.clone()]),
     )?;
 
     // Health as kube-proxy's; then this Node is deleted (held by a finalizer): not eligible.
+    // (Each watcher reconnects after the outage on its own backoff, client-go's 0.8-30 s.)
     let (code, body) = http_get(&node, 10256, "/healthz")?;
     ensure!(code == 200, "/healthz {code} {body}");
     let h: Value = serde_json::from_str(&body)?;
@@ -375,7 +384,7 @@ fn watched_objects_reach_the_datapath_through_restarts_and_api_outages() -> Resu
     kube.delete(&own_node(false))?;
     wait_for(
         "/healthz 503 for a node being deleted",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || Ok(http_get(&node, 10256, "/healthz")?.0 == 503),
     )?;
     let (code, body) = http_get(&node, 10256, "/healthz")?;

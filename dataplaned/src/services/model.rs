@@ -354,7 +354,7 @@ impl Model {
     /// This node's zone, from its Node's label.
     fn own_zone(&self) -> Option<&str> {
         let spec = self.nodes.get(&*self.local_node)?;
-        node_of(spec)?.zone.as_deref()
+        node_of(spec)?.zone.as_deref().filter(|z| !z.is_empty())
     }
 
     /// The Node objects in effect, by name.

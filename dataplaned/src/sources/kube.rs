@@ -3,8 +3,9 @@
 //! kube-runtime watchers (paged lists, 410 → relist, default backoff), into the same store and
 //! incremental path as `sluicectl apply` and `--manifests`.
 //!
-//! - Services: label selector `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`
-//!   (kube-proxy's). EndpointSlices: `discovery.k8s.io/v1`, or `v1beta1` where the server has no
+//! - Services and EndpointSlices: label selector
+//!   `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless` (kube-proxy's,
+//!   on both). EndpointSlices: `discovery.k8s.io/v1`, or `v1beta1` where the server has no
 //!   v1 (1.20); both become the one slice model (`topology["kubernetes.io/hostname"]` → `nodeName`,
 //!   `topology["topology.kubernetes.io/zone"]` → `zone`).
 //! - Nodes: all of them, not only this node's (kube-proxy watches its own with a field selector):
@@ -237,6 +238,14 @@ impl Index {
                     None => self.held.get(key).cloned(),
                 }
             }
+        }
+    }
+
+    /// Whether `key` is (or is about to be) held.
+    pub fn wants(&self, key: &ObjectKey) -> bool {
+        match self.pending.get(key) {
+            Some(p) => p.is_some(),
+            None => self.held.contains_key(key),
         }
     }
 
@@ -689,9 +698,11 @@ fn watch_all(client: &Client, slices: &ApiResource, own: &str, status: &Shared) 
     .default_backoff()
     .map(|r| (Resource::Services, r.map(service_change)));
     let beta = slices.version == "v1beta1";
+    // kube-proxy filters slices with the same selector (the EndpointSlice controller copies
+    // the Service's labels, headless included).
     let slice_events = watcher::watcher(
         Api::<DynamicObject>::all_with(client.clone(), slices),
-        config(),
+        config().labels(SERVICE_SELECTOR),
     )
     .default_backoff()
     .map(move |r| (Resource::EndpointSlices, r.map(|e| slice_change(e, beta))));
@@ -752,31 +763,64 @@ pub async fn run(opts: KubeOptions, node_name: String, status: Shared, mut sink:
             }
         }
     };
-    let probe = tokio::spawn(probe(client.clone(), status.clone()));
+    // Aborted with this task (the watch is aborted at shutdown).
+    let _probe = AbortOnDrop(tokio::spawn(probe(client.clone(), status.clone())));
     let mut events = watch_all(&client, &slices, &node_name, &status);
     let mut index = Index::default();
-    while let Some(first) = events.next().await {
-        take(&mut index, first, &status);
+    let own = key_of(Kind::Node, None, node_name.clone());
+    // After a failed write: when to try again without waiting for an event.
+    let mut retry: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            first = events.next() => match first {
+                Some(e) => take(&mut index, e, &status, &own),
+                None => break,
+            },
+            _ = async { tokio::time::sleep_until(retry.expect("armed")).await }, if retry.is_some() => {}
+        }
         let deadline = tokio::time::Instant::now() + MAX_BATCH;
         loop {
             tokio::select! {
                 next = events.next() => match next {
-                    Some(e) => take(&mut index, e, &status),
+                    Some(e) => take(&mut index, e, &status, &own),
                     None => break,
                 },
                 _ = tokio::time::sleep(QUIET) => break,
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        flush(&mut index, &status, &mut sink).await;
+        let ok = flush(&mut index, &status, &mut sink).await;
+        retry = (!ok).then(|| tokio::time::Instant::now() + RETRY);
     }
-    probe.abort();
+}
+
+/// A failed batch is tried again after this long when no event comes first.
+const RETRY: Duration = Duration::from_secs(1);
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether a watcher error is a 410 Expired (routine: the watcher relists), wherever it came.
+fn expired(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(s) => s.code == 410,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 410,
+        _ => false,
+    }
 }
 
 fn take(
     index: &mut Index,
     (res, item): (Resource, Result<Change, watcher::Error>),
     status: &Shared,
+    own: &ObjectKey,
 ) {
     let mut st = lock(status);
     match item {
@@ -784,10 +828,17 @@ fn take(
             st.events[res.index()] += 1;
             st.reachable();
             let listing_done = matches!(change, Change::InitDone);
+            if let Change::Apply(k, Err(e)) | Change::InitApply(k, Err(e)) = &change {
+                tracing::warn!(object = %k, error = %e, "a watched object does not pass sluice's validation: its previous version stays");
+            }
             index.event(res, change);
             if listing_done {
                 st.listed[res.index()] = true;
                 tracing::info!(resource = res.name(), "listed");
+                // This node's Node gone while the watch was down: no Delete event said so.
+                if res == Resource::Nodes && !index.wants(own) {
+                    st.node_eligible = false;
+                }
             }
         }
         Err(e) => {
@@ -795,8 +846,7 @@ fn take(
             let msg = format!("{}: {e}", res.name());
             // 410 Expired is routine (the watcher relists); other errors mean the API server
             // is away or refuses us.
-            let expired = matches!(&e, watcher::Error::WatchError(s) if s.code == 410);
-            if expired {
+            if expired(&e) {
                 tracing::info!(resource = res.name(), "watch expired (410): relisting");
             } else {
                 tracing::warn!(error = %msg, "watch error (backing off, then retrying)");
@@ -808,19 +858,22 @@ fn take(
     st.oldest_pending = index.oldest_pending();
 }
 
-async fn flush(index: &mut Index, status: &Shared, sink: &mut impl Sink) {
+/// Writes what is waiting; false when the write failed (it waits again, see `run`'s retry).
+async fn flush(index: &mut Index, status: &Shared, sink: &mut impl Sink) -> bool {
     let Some(batch) = index.take() else {
-        return;
+        return true;
     };
     if batch.ops.is_empty() && !batch.first {
         let mut st = lock(status);
         st.last_updated = Some(SystemTime::now());
         st.pending = 0;
         st.oldest_pending = None;
-        return;
+        st.rejected = index.rejected.len();
+        return true;
     }
     let held = index.held();
     let r = sink.write(&batch, held).await;
+    let ok = r.is_ok();
     let mut st = lock(status);
     match r {
         Ok(()) => {
@@ -840,20 +893,21 @@ async fn flush(index: &mut Index, status: &Shared, sink: &mut impl Sink) {
     st.rejected = index.rejected.len();
     st.pending = index.pending();
     st.oldest_pending = index.oldest_pending();
+    ok
 }
 
 /// While the API server is unreachable, asks it its version every 2 s (a watcher that reconnects
 /// to an unchanged resource yields no event that would say it is back); otherwise every 30 s (a
 /// silent network partition shows within that).
 async fn probe(client: Client, status: Shared) {
+    let mut last = Instant::now();
     loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let away = lock(&status).unreachable_since.is_some();
-        tokio::time::sleep(if away {
-            Duration::from_secs(2)
-        } else {
-            Duration::from_secs(30)
-        })
-        .await;
+        if !away && last.elapsed() < Duration::from_secs(30) {
+            continue;
+        }
+        last = Instant::now();
         match tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await {
             Ok(Ok(_)) => lock(&status).reachable(),
             Ok(Err(e)) => lock(&status).unreachable(format!("API server: {e}")),
