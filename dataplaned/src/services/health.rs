@@ -240,6 +240,15 @@ mod tests {
             Ok::<_, std::io::Error>(out)
         };
         assert!(get().await.unwrap().starts_with("HTTP/1.1 200 OK"));
+        // The dataplane unhealthy (/healthz 503): every port answers 503, serviceProxyHealthy false.
+        servers.set_proxy_healthy(false);
+        let r = get().await.unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.contains("\"serviceProxyHealthy\":false"),
+            "{r}"
+        );
+        servers.set_proxy_healthy(true);
+        assert!(get().await.unwrap().starts_with("HTTP/1.1 200 OK"));
         servers.sync(BTreeMap::from([(port, answer(0))]));
         assert!(get().await.unwrap().starts_with("HTTP/1.1 503"));
         servers.sync(BTreeMap::new());
