@@ -248,8 +248,15 @@ impl sources::kube::Sink for WatchSink {
         let r = tokio::task::spawn_blocking(move || {
             let dp = st.datapath.clone();
             let mut svc = st.services();
+            let big = ops.len() > 1000;
             let r = svc.apply_watched(ops, first, held, &dp.maps);
-            (r, svc.last_timings)
+            let tm = svc.last_timings;
+            drop(svc);
+            // A first list of 10k Services leaves tens of MB of decode buffers in the arenas.
+            if big {
+                services::release_memory();
+            }
+            (r, tm)
         })
         .await
         .map_err(|e| format!("watch batch task: {e}"))?;
