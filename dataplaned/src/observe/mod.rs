@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::state::State;
@@ -74,15 +74,7 @@ pub async fn serve(what: &'static str, addr: SocketAddr, state: Arc<State>, rout
 }
 
 async fn answer(mut conn: TcpStream, state: Arc<State>, route: Route) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        let n = conn.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
+    let head = crate::services::health::read_head(&mut conn).await?;
     let line = String::from_utf8_lossy(&head);
     let mut parts = line.split_whitespace();
     let method = parts.next().unwrap_or("").to_string();

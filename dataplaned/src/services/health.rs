@@ -144,15 +144,7 @@ async fn answer(
     answers: Answers,
     proxy: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        let n = conn.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
+    let _head = read_head(&mut conn).await?;
     let found = answers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -167,6 +159,20 @@ async fn answer(
     conn.write_all(&response(&a.service, a.local, healthy))
         .await?;
     conn.shutdown().await
+}
+
+/// Reads an HTTP request's head (up to 8 KiB; what the peer sent when it closes early).
+pub async fn read_head(conn: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(head)
 }
 
 /// The HTTP response for a Service with `local` ready endpoints on this node (kube-proxy's: 503

@@ -31,7 +31,8 @@ pub struct ObjectStore {
     entries: FastMap<ObjectKey, Vec<(Origin, Arc<Spec>)>>,
 }
 
-fn same(a: Option<&Arc<Spec>>, b: Option<&Arc<Spec>>) -> bool {
+/// Whether two specs are the same (pointer-equal or equal).
+pub fn same(a: Option<&Arc<Spec>>, b: Option<&Arc<Spec>>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
         (None, None) => true,

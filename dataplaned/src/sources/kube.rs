@@ -46,6 +46,7 @@ use kube::{Client, ResourceExt};
 use serde_json::Value;
 
 use crate::services::objects::{self, Kind, ObjectKey, Spec, Typed};
+use crate::services::store::same;
 use crate::services::FastMap;
 
 /// kube-proxy's Service label selector: Services another proxy serves, and headless ones, are not
@@ -169,14 +170,6 @@ pub struct Index {
     oldest: Option<Instant>,
     /// Objects rejected by validation (kept at their previous version), with why.
     pub rejected: FastMap<ObjectKey, String>,
-}
-
-fn same(a: Option<&Arc<Spec>>, b: Option<&Arc<Spec>>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-        (None, None) => true,
-        _ => false,
-    }
 }
 
 impl Index {
