@@ -71,7 +71,7 @@ struct ct_key {
 
 /* sl_ct_v2 value: how to rewrite packets of this direction; 0 = leave that field. */
 struct ct_value {
-	__u64  created_ns;      /* host: bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64  created_ns;      /* host: CLOCK_MONOTONIC, coarse (sl_now()) */
 	__u64  last_seen_ns;    /* host: refreshed at most every ct_refresh_ns */
 	__be32 nat_saddr;       /* net */
 	__be32 nat_daddr;       /* net */
@@ -96,7 +96,7 @@ struct affinity_key {
 
 /* sl_aff_v1 value. */
 struct affinity_value {
-	__u64  last_used_ns;    /* host: bpf_ktime_get_ns() */
+	__u64  last_used_ns;    /* host: CLOCK_MONOTONIC, coarse */
 	__be32 addr;            /* net: backend */
 	__be16 port;            /* net */
 	__u16  pad;

@@ -4,8 +4,8 @@
 #
 #   scripts/bench.sh [--quick] [--rounds R] [--seconds S] [--services 1,1000,10000]
 #                    [--modes direct,iptables-nft,iptables-legacy,nftables,sluice] [--only FIGURES]
-#                    [--clients K] [--threads T] [--cni-pods P] [--timeout SECS]
-#                    [--setup-timeout SECS] [--out DIR]
+#                    [--clients K] [--threads T] [--cni-pods P] [--mem-pods P]
+#                    [--mem-services N] [--timeout SECS] [--setup-timeout SECS] [--out DIR]
 #
 # FIGURES: conn,rr,prog,bpf,cni,mem (or 1-6). Writes bench/results/<date>-<host>.{json,md,*.svg}
 # (--quick: bench/results/quick-*; a partial run: <date>-<host>-<figures>.*).
@@ -23,7 +23,7 @@ ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) ARGS+=(--quick); shift ;;
-        --rounds|--seconds|--services|--modes|--only|--clients|--threads|--cni-pods|--out|--timeout|--setup-timeout)
+        --rounds|--seconds|--services|--modes|--only|--clients|--threads|--cni-pods|--mem-pods|--mem-services|--out|--timeout|--setup-timeout)
             [ $# -ge 2 ] || { echo "bench.sh: $1 needs a value" >&2; usage 2; }
             ARGS+=("$1" "$2"); shift 2 ;;
         -h|--help) usage 0 ;;

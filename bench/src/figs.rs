@@ -687,11 +687,15 @@ pub fn mem(cfg: &Cfg, res: &mut Results) -> Result<()> {
         }
         let eps: Vec<String> = node.pods.iter().take(2).map(|p| p.ip.clone()).collect();
         let svcs = rules::services(cfg.mem_services, &eps, SERVER_PORT);
-        let apply = node.sluicectl_objects("apply", &rules::k8s_all(&svcs))?;
+        let apply = if svcs.is_empty() {
+            None
+        } else {
+            Some(node.sluicectl_objects("apply", &rules::k8s_all(&svcs))?)
+        };
         std::thread::sleep(Duration::from_millis(500));
         let pid = node.daemon_pid().unwrap();
         let mut rec = json!({"round": round, "pods": cfg.mem_pods, "services": cfg.mem_services,
-            "rss_kib_empty": rss_empty, "apply_ms": ms(apply),
+            "rss_kib_empty": rss_empty, "apply_ms": apply.map(ms),
             "rss_kib": rss_kib(pid), "hwm_kib": status_kib(pid, "VmHWM:")});
         let mut restarts = vec![];
         let mut rss_after = vec![];

@@ -140,6 +140,13 @@ struct RunArgs {
     /// Pods for the CNI figure.
     #[arg(long)]
     cni_pods: Option<usize>,
+    /// Pods and Services for the memory and restart figure (6); the default is 100 and 10,000
+    /// (10 and 1,000 with --quick). `--only mem --mem-pods 1000 --mem-services 0` is issue 10's
+    /// restart case: a node with 1,000 pods.
+    #[arg(long)]
+    mem_pods: Option<usize>,
+    #[arg(long)]
+    mem_services: Option<usize>,
     /// Seconds a programming command (iptables-restore, nft, sluicectl) may take before it is
     /// killed and reported as timed out.
     #[arg(long, default_value_t = 30.0)]
@@ -255,8 +262,8 @@ fn run(a: RunArgs) -> Result<i32> {
         clients: a.clients,
         threads: a.threads,
         cni_pods: a.cni_pods.unwrap_or(if q { 10 } else { 100 }),
-        mem_pods: if q { 10 } else { 100 },
-        mem_services: if q { 1000 } else { 10000 },
+        mem_pods: a.mem_pods.unwrap_or(if q { 10 } else { 100 }),
+        mem_services: a.mem_services.unwrap_or(if q { 1000 } else { 10000 }),
         restarts: if q { 1 } else { 3 },
         bpf_runs: if q { 500 } else { 5000 },
         bpf_repeat: if q { 10_000 } else { 100_000 },

@@ -27,6 +27,23 @@
  */
 #define SL_GLOBAL __attribute__((noinline))
 
+/*
+ * The datapath's clock: CLOCK_MONOTONIC (the daemon's) at tick resolution. Every duration it
+ * measures is a timeout of seconds; the coarse clock is a memory read where bpf_ktime_get_ns reads
+ * the TSC (tens of ns in a VM, on every packet of a flow).
+ */
+static __always_inline __u64 sl_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
+/* How long ago @t was at @now: 0 for a @t ahead of the coarse clock (the daemon and the tests
+ * write times read from the fine one). */
+static __always_inline __u64 sl_age(__u64 now, __u64 t)
+{
+	return now > t ? now - t : 0;
+}
+
 /* Helpers return a reason, or CONTINUE when the caller should go on. */
 #define CONTINUE (-1)
 

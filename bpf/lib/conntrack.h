@@ -78,7 +78,7 @@ static __always_inline void ct_touch(struct ct_value *ct, const struct packet *p
 
 	if (bits & ~(__u32)ct->seen)
 		__sync_fetch_and_or((__u32 *)&ct->seen, bits);
-	if (now - ct->last_seen_ns > ct_refresh_ns)
+	if (sl_age(now, ct->last_seen_ns) > ct_refresh_ns)
 		ct->last_seen_ns = now;
 }
 
@@ -105,7 +105,7 @@ static __always_inline int ct_gone(__u8 proto, __u32 a, __u32 b, __u64 last_seen
 	if (proto == IPPROTO_TCP &&
 	    (((a | b) & TCPF_RST) || ((a & TCPF_FIN) && (b & TCPF_FIN))))
 		return 1;
-	return now - last_seen > ct_timeout(proto, a, b);
+	return sl_age(now, last_seen) > ct_timeout(proto, a, b);
 }
 
 /* Whether a TCP flow saw FIN or RST either way: a fresh SYN on its tuple starts a new flow. */
@@ -224,7 +224,7 @@ SL_GLOBAL int ct_reverse(struct __sk_buff *skb, struct packet *pkt)
 	ct = bpf_map_lookup_elem(&sl_ct_v2, &key);
 	if (!ct)
 		return REASON_PASS;
-	now = bpf_ktime_get_ns();
+	now = sl_now();
 	if (ct->type == CT_TYPE_DIRECT) {
 		ct_touch(ct, pkt, CT_SEEN_PEER_SHIFT, now);
 		return REASON_DIRECT;

@@ -62,7 +62,7 @@ SL_GLOBAL int direct_track(struct __sk_buff *skb, struct packet *pkt)
 	struct ct_key fk = {}, rk = {};
 	struct ct_value *e, *x;
 	struct ct_value fwd = {}, rev = {};
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = sl_now();
 	int opens, err;
 
 	if (!pkt)

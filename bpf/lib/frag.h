@@ -31,7 +31,7 @@ SL_GLOBAL int frag_remember_tun(const struct packet *pkt, __be32 saddr, __be32 d
 	if (pkt->frag != FRAG_FIRST || (pkt->saddr == saddr && pkt->daddr == daddr && !tun))
 		return 0;
 	frag_key_of(pkt, saddr, daddr, &k);
-	v.first_ns = bpf_ktime_get_ns();
+	v.first_ns = sl_now();
 	v.nat_saddr = pkt->saddr != saddr ? pkt->saddr : 0;
 	v.nat_daddr = pkt->daddr != daddr ? pkt->daddr : 0;
 	v.tun_addr = tun;
@@ -61,7 +61,7 @@ SL_GLOBAL int frag_later(struct __sk_buff *skb, struct packet *pkt, __be32 *tun)
 
 	frag_key_of(pkt, pkt->saddr, pkt->daddr, &k);
 	v = bpf_map_lookup_elem(&sl_frag_v1, &k);
-	if (!v || bpf_ktime_get_ns() - v->first_ns > frag_timeout_ns)
+	if (!v || sl_age(sl_now(), v->first_ns) > frag_timeout_ns)
 		return CONTINUE;
 	n.saddr = v->nat_saddr;
 	n.daddr = v->nat_daddr;

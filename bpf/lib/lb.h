@@ -49,7 +49,7 @@ static __always_inline int lb_pick(const struct frontend_value *fe, struct lb_se
 	if (fe->flags & FE_F_AFFINITY) {
 		struct affinity_value *av = bpf_map_lookup_elem(&sl_aff_v1, &ak);
 
-		if (av && now - av->last_used_ns < (__u64)fe->affinity_timeout * 1000000000ULL &&
+		if (av && sl_age(now, av->last_used_ns) < (__u64)fe->affinity_timeout * 1000000000ULL &&
 		    lb_member(set.id, av->addr, av->port)) {
 			out->addr = av->addr;
 			out->port = av->port;
@@ -127,7 +127,7 @@ SL_GLOBAL int lb_new_flow(const struct packet *pkt, const struct frontend_value 
 
 	if (!pkt || !fe || !nf || !fwd)
 		return REASON_DROP_CT_CREATE;
-	now = bpf_ktime_get_ns();
+	now = sl_now();
 	fwd_update_flags = nf->replace ? BPF_ANY : BPF_NOEXIST;
 	reason = nf->reason;
 	reused = nf->reused;
@@ -250,7 +250,7 @@ SL_GLOBAL int lb_forward(struct __sk_buff *skb, struct packet *pkt,
 	struct ct_value *flow = scratch_flow();
 	struct ct_value *ct;
 	struct lb_set set;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = sl_now();
 	__u64 update = BPF_NOEXIST;
 	int reason = 0, restart = 0, err;
 

@@ -19,29 +19,6 @@ static __always_inline __u64 l4_csum_flags(const struct packet *pkt)
 	return pkt->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 }
 
-/* An address in the IP header; the L4 checksum too unless this is a later fragment (its L4
- * header, with the checksum covering the addresses, travelled in the first fragment). */
-static __always_inline int rewrite_addr(struct __sk_buff *skb, const struct packet *pkt,
-					__u32 off, __be32 old, __be32 new)
-{
-	if (pkt->frag != FRAG_LATER &&
-	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old, new,
-				l4_csum_flags(pkt) | BPF_F_PSEUDO_HDR | sizeof(new)) < 0)
-		return -1;
-	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, sizeof(new)) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
-}
-
-static __always_inline int rewrite_port(struct __sk_buff *skb, const struct packet *pkt,
-					__u32 off, __be16 old, __be16 new)
-{
-	if (bpf_l4_csum_replace(skb, l4_csum_off(pkt), old, new,
-				l4_csum_flags(pkt) | sizeof(new)) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
-}
-
 /* The fields of a rewrite; 0 = keep. */
 struct nat {
 	__be32 saddr;
@@ -61,35 +38,102 @@ static __always_inline struct nat nat_of(const struct ct_value *ct)
 	return n;
 }
 
+/* One's-complement incremental update of a 16-bit checksum for a 32-bit field (RFC 1624 eq. 3,
+ * as the kernel's csum_replace4): byte-order neutral, the sum is of 16-bit words as stored. */
+static __always_inline __sum16 csum_replace4(__sum16 check, __be32 from, __be32 to)
+{
+	__u32 sum = (__u16)~check;
+
+	sum += (~from & 0xffff) + (~from >> 16) + (to & 0xffff) + (to >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__sum16)~sum;
+}
+
+/* One's-complement 32-bit addition (the kernel's csum_add). */
+static __always_inline __u32 csum_add32(__u32 a, __u32 b)
+{
+	__u32 r = a + b;
+
+	return r + (r < a);
+}
+
+/* The L4 checksum's share of a rewrite, a precomputed difference, through the kernel's helper: it
+ * alone knows whether the skb's checksum is partial (offloaded: only the pseudo header's sum is
+ * in the field) or complete. */
+static __always_inline int l4_csum_by_diff(struct __sk_buff *skb, const struct packet *pkt,
+					   __u32 diff, __u64 flags)
+{
+	return bpf_l4_csum_replace(skb, l4_csum_off(pkt), 0, diff, l4_csum_flags(pkt) | flags);
+}
+
 /**
  * nat_apply - rewrite the fields @n names (0 = keep) and update @pkt to match. A later fragment
- * has no ports: only its addresses change.
+ * has no ports: only its addresses change (the L4 checksum, which covers them, travelled in the
+ * first fragment).
+ * The fields are written in place (the headers pulled into the linear area first if they are not
+ * there) with the IP checksum computed here; the L4 checksum takes one helper call for the
+ * addresses and one for the ports.
  * Return: 0, or a drop reason when a helper failed.
  */
 static __always_inline int nat_apply(struct __sk_buff *skb, struct packet *pkt, struct nat n)
 {
-	if (n.saddr && n.saddr != pkt->saddr) {
-		if (rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, n.saddr) < 0)
-			return REASON_DROP_REWRITE;
-		pkt->saddr = n.saddr;
-	}
-	if (n.daddr && n.daddr != pkt->daddr) {
-		if (rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, n.daddr) < 0)
-			return REASON_DROP_REWRITE;
-		pkt->daddr = n.daddr;
-	}
-	if (pkt->frag == FRAG_LATER)
+	int later = pkt->frag == FRAG_LATER;
+	__u32 l4_off = pkt->l4_off & 0x7f; /* 14 + at most 60: bounded for the verifier */
+	__u32 end = later ? ETH_HLEN + sizeof(struct iphdr) : l4_off + 4;
+	__u32 addr_diff = 0, port_diff = 0;
+	struct iphdr *ip;
+	__be16 *ports;
+	void *data_end;
+
+	if (n.saddr == pkt->saddr)
+		n.saddr = 0;
+	if (n.daddr == pkt->daddr)
+		n.daddr = 0;
+	if (later || n.sport == pkt->sport)
+		n.sport = 0;
+	if (later || n.dport == pkt->dport)
+		n.dport = 0;
+	if (!(n.saddr | n.daddr | n.sport | n.dport))
 		return 0;
-	if (n.sport && n.sport != pkt->sport) {
-		if (rewrite_port(skb, pkt, pkt->l4_off, pkt->sport, n.sport) < 0)
-			return REASON_DROP_REWRITE;
-		pkt->sport = n.sport;
+
+	if ((void *)(long)skb->data + end > (void *)(long)skb->data_end &&
+	    bpf_skb_pull_data(skb, end) < 0)
+		return REASON_DROP_REWRITE;
+	ip = (void *)(long)skb->data + ETH_HLEN;
+	data_end = (void *)(long)skb->data_end;
+	if ((void *)(ip + 1) > data_end)
+		return REASON_DROP_REWRITE;
+	if (n.saddr) {
+		addr_diff = csum_add32(~pkt->saddr, n.saddr);
+		ip->check = csum_replace4(ip->check, pkt->saddr, n.saddr);
+		ip->saddr = pkt->saddr = n.saddr;
 	}
-	if (n.dport && n.dport != pkt->dport) {
-		if (rewrite_port(skb, pkt, pkt->l4_off + 2, pkt->dport, n.dport) < 0)
-			return REASON_DROP_REWRITE;
-		pkt->dport = n.dport;
+	if (n.daddr) {
+		addr_diff = csum_add32(addr_diff, csum_add32(~pkt->daddr, n.daddr));
+		ip->check = csum_replace4(ip->check, pkt->daddr, n.daddr);
+		ip->daddr = pkt->daddr = n.daddr;
 	}
+	if (later)
+		return 0;
+
+	ports = (void *)ip - ETH_HLEN + l4_off;
+	if ((void *)(ports + 2) > data_end)
+		return REASON_DROP_REWRITE;
+	if (n.sport) {
+		port_diff = csum_add32(~(__u32)pkt->sport, n.sport);
+		ports[0] = pkt->sport = n.sport;
+	}
+	if (n.dport) {
+		port_diff = csum_add32(port_diff, csum_add32(~(__u32)pkt->dport, n.dport));
+		ports[1] = pkt->dport = n.dport;
+	}
+	/* The L4 checksum: the addresses' change as one difference (the pseudo header's), the
+	 * ports' as another (the two stay apart for an offloaded checksum). */
+	if ((n.saddr | n.daddr) && l4_csum_by_diff(skb, pkt, addr_diff, BPF_F_PSEUDO_HDR) < 0)
+		return REASON_DROP_REWRITE;
+	if ((n.sport | n.dport) && l4_csum_by_diff(skb, pkt, port_diff, 0) < 0)
+		return REASON_DROP_REWRITE;
 	return 0;
 }
 

@@ -93,7 +93,7 @@ SL_GLOBAL int np_forward(struct __sk_buff *skb, struct packet *pkt,
 	struct new_flow nf;
 	struct ct_value *ct;
 	struct lb_set set;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = sl_now();
 	__u64 update = BPF_NOEXIST;
 	__be32 saddr, daddr;
 	int reason = 0, restart = 0, err;
@@ -197,7 +197,7 @@ SL_GLOBAL int np_backend(struct __sk_buff *skb, struct packet *pkt, __be32 peer)
 	struct new_flow nf;
 	struct ct_value *ct;
 	struct lb_set set;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = sl_now();
 	__u64 update = BPF_NOEXIST;
 	int reason = 0, restart = 0, err;
 
@@ -257,7 +257,7 @@ SL_GLOBAL int np_reply(struct __sk_buff *skb, struct packet *pkt)
 		return REASON_PASS;
 	flags = ct->flags;
 	tun = ct->tun_addr;
-	ct_touch(ct, pkt, 0, bpf_ktime_get_ns());
+	ct_touch(ct, pkt, 0, sl_now());
 	if ((flags & CT_F_TUNNEL) && !np_fits(skb, &mtu))
 		return np_frag_needed(skb, pkt, mtu, 1); /* to the backend, as it sent it */
 	/* The SYN-ACK of a tunnelled flow: the client's segments come encapsulated. */

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Parsing: Ethernet + IPv4 (+ options) + the TCP/UDP ports. Reads with bpf_skb_load_bytes so
- * non-linear frames parse too. */
+/* Parsing: Ethernet + IPv4 (+ options) + the TCP/UDP ports. Reads straight from the skb's linear
+ * area, where the headers of nearly every frame are (a helper call per header cost more than the
+ * rest of the parse), and with bpf_skb_load_bytes otherwise, so non-linear frames parse too. */
 #ifndef SLUICE_LIB_PARSE_H
 #define SLUICE_LIB_PARSE_H
 
@@ -8,6 +9,21 @@
 
 #define TCP_HDR_MIN 20
 #define UDP_HDR_LEN 8
+
+/* @len bytes at @off of the frame into @to, as bpf_skb_load_bytes. Pointers to the packet are
+ * taken afresh on every call: kept across calls they would cost stack, which the deepest call
+ * chains (uplink.bpf.c) do not have to spare. */
+static __always_inline int load_hdr(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (data + off + len <= data_end) {
+		__builtin_memcpy(to, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
 
 /**
  * parse_packet - fill @pkt from @skb.
@@ -23,11 +39,11 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 	__u16 frag_off;
 
 	pkt->len = skb->len;
-	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &h_proto, sizeof(h_proto)) < 0)
+	if (load_hdr(skb, offsetof(struct ethhdr, h_proto), &h_proto, sizeof(h_proto)) < 0)
 		return REASON_PASS_NON_IPV4;
 	if (h_proto != bpf_htons(ETH_P_IP))
 		return REASON_PASS_NON_IPV4;
-	if (bpf_skb_load_bytes(skb, IP_OFF, &ip, sizeof(ip)) < 0)
+	if (load_hdr(skb, IP_OFF, &ip, sizeof(ip)) < 0)
 		return REASON_DROP_TRUNCATED;
 	if (ip.version != 4 || ip.ihl < 5)
 		return REASON_DROP_MALFORMED;
@@ -61,7 +77,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 
 		if (ip_len < hdr_len + TCP_HDR_MIN)
 			return pkt->frag ? REASON_DROP_MALFORMED : REASON_DROP_TRUNCATED;
-		if (bpf_skb_load_bytes(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
+		if (load_hdr(skb, pkt->l4_off, hdr, sizeof(hdr)) < 0)
 			return REASON_DROP_TRUNCATED;
 		__builtin_memcpy(&pkt->sport, hdr, 2);
 		__builtin_memcpy(&pkt->dport, hdr + 2, 2);
@@ -71,7 +87,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 
 		if (ip_len < hdr_len + UDP_HDR_LEN)
 			return pkt->frag ? REASON_DROP_MALFORMED : REASON_DROP_TRUNCATED;
-		if (bpf_skb_load_bytes(skb, pkt->l4_off, ports, sizeof(ports)) < 0)
+		if (load_hdr(skb, pkt->l4_off, ports, sizeof(ports)) < 0)
 			return REASON_DROP_TRUNCATED;
 		pkt->sport = ports[0];
 		pkt->dport = ports[1];

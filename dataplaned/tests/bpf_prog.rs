@@ -352,7 +352,7 @@ const SVC_IDS: u32 = 8;
 fn run_case(c: &Case) {
     let dp = Dp::load_with(c.hairpin);
     let mut written = Written::default();
-    let t0 = mono_ns();
+    let t0 = mono_coarse_ns();
     apply(&dp, &c.setup, &mut written);
     let mut totals = vec![Count::default(); types::reason::REASON_MAX.0 as usize];
 

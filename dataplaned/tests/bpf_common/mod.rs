@@ -55,15 +55,25 @@ pub fn require_root() {
     );
 }
 
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns().
+/// CLOCK_MONOTONIC: what the daemon writes and the upper bound of what a program read before.
 pub fn mono_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CLOCK_MONOTONIC_COARSE, the datapath's clock (sl_now(), bpf_ktime_get_coarse_ns()): up to a
+/// tick behind mono_ns(), so the lower bound of what a program about to run will read.
+pub fn mono_coarse_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec.
     assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) },
+        unsafe { libc::clock_gettime(clock, &mut t) },
         0,
         "clock_gettime"
     );

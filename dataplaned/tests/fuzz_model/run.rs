@@ -10,7 +10,7 @@ use super::gen::{Gen, Packet};
 use super::model::{self, *};
 use super::net::*;
 use super::target::{Counters, Target, SVC_IDS};
-use crate::bpf_common::mono_ns;
+use crate::bpf_common::{mono_coarse_ns, mono_ns};
 
 /// At most this many outcomes per packet (the model's choices multiply).
 const MAX_OUTCOMES: usize = 4096;
@@ -108,7 +108,7 @@ fn step(
     before: &State,
     counters: &mut Counters,
 ) -> Option<(Real, Clock, Vec<String>)> {
-    let lo = mono_ns();
+    let lo = mono_coarse_ns();
     let ran = t.run(pkt.prog, &pkt.frame);
     let hi = mono_ns();
     let (verdict, out) = match ran {

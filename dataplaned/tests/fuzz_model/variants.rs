@@ -16,24 +16,24 @@ pub struct Variant {
 
 pub const VARIANTS: &[Variant] = &[
     Variant {
-        name: "rewrite_port without its L4 checksum fix",
+        name: "port rewrite without its L4 checksum fix",
         file: "lib/nat.h",
-        find: "\tif (bpf_l4_csum_replace(skb, l4_csum_off(pkt), old, new,\n\t\t\t\tl4_csum_flags(pkt) | sizeof(new)) < 0)\n\t\treturn -1;\n",
-        replace: "",
+        find: "if ((n.sport | n.dport) && l4_csum_by_diff(",
+        replace: "if (0 && l4_csum_by_diff(",
     },
     // (Dropping BPF_F_PSEUDO_HDR alone is not observable here: BPF_PROG_TEST_RUN's skbs are
     // CHECKSUM_NONE, for which bpf_l4_csum_replace updates the field with or without the flag.)
     Variant {
-        name: "rewrite_addr without its L4 checksum fix (pseudo header)",
+        name: "address rewrite without its L4 checksum fix (pseudo header)",
         file: "lib/nat.h",
-        find: "if (pkt->frag != FRAG_LATER &&",
-        replace: "if (0 &&",
+        find: "if ((n.saddr | n.daddr) && l4_csum_by_diff(",
+        replace: "if (0 && l4_csum_by_diff(",
     },
     Variant {
-        name: "rewrite_addr without the IP header checksum fix",
+        name: "address rewrite without the IP header checksum fix",
         file: "lib/nat.h",
-        find: "if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, sizeof(new)) < 0)",
-        replace: "if (0)",
+        find: "\treturn (__sum16)~sum;",
+        replace: "\treturn check;",
     },
     Variant {
         name: "UDP checksum 0 not kept (no BPF_F_MARK_MANGLED_0)",
@@ -62,7 +62,7 @@ pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "last_seen refreshed on every packet (ct_refresh ignored)",
         file: "lib/conntrack.h",
-        find: "if (now - ct->last_seen_ns > ct_refresh_ns)",
+        find: "if (sl_age(now, ct->last_seen_ns) > ct_refresh_ns)",
         replace: "if (1)",
     },
     Variant {
@@ -110,7 +110,7 @@ pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "fragment memory never stale",
         file: "lib/frag.h",
-        find: "bpf_ktime_get_ns() - v->first_ns > frag_timeout_ns",
+        find: "sl_age(sl_now(), v->first_ns) > frag_timeout_ns",
         replace: "0",
     },
     Variant {
