@@ -679,7 +679,14 @@ pub fn mem(cfg: &Cfg, res: &mut Results) -> Result<()> {
             "  [mem] round {round}: {} pods, {} services",
             cfg.mem_pods, cfg.mem_services
         );
-        let mut node = Node::new(&[])?;
+        // A /24 holds 253 pods: more take a /21 (2,045).
+        let cidr = if cfg.mem_pods > 250 {
+            "10.244.0.0/21"
+        } else {
+            crate::topo::POD_CIDR
+        };
+        let mut node = Node::create("bench-node", cidr, &[])?;
+        node.start_daemon()?;
         let pid0 = node.daemon_pid().unwrap();
         let rss_empty = rss_kib(pid0);
         for _ in 0..cfg.mem_pods {
@@ -708,6 +715,13 @@ pub fn mem(cfg: &Cfg, res: &mut Results) -> Result<()> {
         }
         rec["restart_to_status_ms"] = json!(restarts);
         rec["rss_kib_after_restart"] = json!(rss_after);
+        // An upgrade: programs other than the pinned ones (another configuration, as a new build
+        // would bring) are loaded and swapped into every pod's attachment at start.
+        node.stop_daemon()?;
+        node.extra_args
+            .extend(["--ct-timeout-udp".to_string(), format!("{}", 31 + round)]);
+        let t = node.start_daemon()?;
+        rec["upgrade_to_status_ms"] = json!(ms(t));
         res.push("mem", rec);
         res.save()?;
     }

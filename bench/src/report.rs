@@ -520,6 +520,12 @@ pub fn markdown(res: &Value) -> String {
             "| RSS after restart (MiB) | {} |",
             fmt_sum(&summary(&after), 1)
         );
+        let upgrade = collect(&recs, |r| f(&r["upgrade_to_status_ms"]));
+        let _ = writeln!(
+            s,
+            "| restart with new programs (an upgrade) → status answers (ms) | {} |",
+            fmt_sum(&upgrade, 0)
+        );
         s.push('\n');
     }
     s
