@@ -382,7 +382,7 @@ fn fingerprint(cfg: &DatapathConfig) -> u64 {
 }
 
 /// The pinned programs, when they were loaded from this build with this configuration and every
-/// pin they use is there: a restart then skips the verifier (~2 s here).
+/// pin they use is there: a restart then skips the verifier (~1 s here, most of it the uplink programs).
 fn reuse_pinned(cfg: &DatapathConfig, maps_dir: &Path, fingerprint: u64) -> Option<[OwnedFd; 4]> {
     let progs = cfg.bpffs.join("progs");
     let map = MapHandle::from_pinned_path(progs.join(BUILD_PIN)).ok()?;
