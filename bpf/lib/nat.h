@@ -6,6 +6,7 @@
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include "common.h"
+#include "csum.h"
 
 static __always_inline __u32 l4_csum_off(const struct packet *pkt)
 {
@@ -36,26 +37,6 @@ static __always_inline struct nat nat_of(const struct ct_value *ct)
 		.dport = ct->nat_dport,
 	};
 	return n;
-}
-
-/* One's-complement incremental update of a 16-bit checksum for a 32-bit field (RFC 1624 eq. 3,
- * as the kernel's csum_replace4): byte-order neutral, the sum is of 16-bit words as stored. */
-static __always_inline __sum16 csum_replace4(__sum16 check, __be32 from, __be32 to)
-{
-	__u32 sum = (__u16)~check;
-
-	sum += (~from & 0xffff) + (~from >> 16) + (to & 0xffff) + (to >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__sum16)~sum;
-}
-
-/* One's-complement 32-bit addition (the kernel's csum_add). */
-static __always_inline __u32 csum_add32(__u32 a, __u32 b)
-{
-	__u32 r = a + b;
-
-	return r + (r < a);
 }
 
 /* The L4 checksum's share of a rewrite, a precomputed difference, through the kernel's helper: it

@@ -6,6 +6,7 @@
 #define SLUICE_LIB_REJECT_H
 
 #include "common.h"
+#include "csum.h"
 
 /* linux/icmp.h drags in libc's socket headers; the values we need, from RFC 792. */
 #define ICMP_DEST_UNREACH 3
@@ -37,18 +38,6 @@ struct icmp_reject {
 	/* The original IP header, options included, then the start of its payload. */
 	__u8 quote[IP_HDR_MAX_LEN + QUOTE_TCP];
 };
-
-static __always_inline __u32 csum_fold16(__u32 csum)
-{
-	csum = (csum & 0xffff) + (csum >> 16);
-	csum = (csum & 0xffff) + (csum >> 16);
-	return csum;
-}
-
-static __always_inline __sum16 csum_fold32(__u32 csum)
-{
-	return (__sum16)~csum_fold16(csum);
-}
 
 /*
  * The value for the quoted L4 checksum field that checksum completion leaves as it is.

@@ -31,8 +31,8 @@ pub const VARIANTS: &[Variant] = &[
     },
     Variant {
         name: "address rewrite without the IP header checksum fix",
-        file: "lib/nat.h",
-        find: "\treturn (__sum16)~sum;",
+        file: "lib/csum.h",
+        find: "\treturn (__sum16)~csum_fold16(sum);",
         replace: "\treturn check;",
     },
     Variant {
