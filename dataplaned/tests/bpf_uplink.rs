@@ -331,13 +331,22 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn syn_with_mss(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, mss: u16) -> Vec<u8> {
-    // An etherparse TCP header with the MSS option, checksums from scratch.
+    let [hi, lo] = mss.to_be_bytes();
+    syn_with_options(src, dst, flags, &[2, 4, hi, lo])
+}
+
+/// A TCP segment whose options are `options` (a multiple of 4 bytes), checksums from scratch.
+fn syn_with_options(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: u8,
+    options: &[u8],
+) -> Vec<u8> {
     let mut tcp = etherparse::TcpHeader::new(src.1, dst.1, 7, 64240);
     tcp.syn = flags & SYN != 0;
     tcp.ack = flags & ACK != 0;
     tcp.acknowledgment_number = if tcp.ack { 9 } else { 0 };
-    tcp.set_options(&[etherparse::TcpOptionElement::MaximumSegmentSize(mss)])
-        .unwrap();
+    tcp.set_options_raw(options).unwrap();
     let ip = etherparse::Ipv4Header::new(
         tcp.header_len() as u16,
         64,
@@ -496,6 +505,71 @@ fn a_tunnelled_flows_syn_has_its_mss_clamped_to_what_fits_the_underlay() {
         "MTU 1500 - VXLAN 50 - IP/TCP 40"
     );
     verify_checksums(inner, "inner SYN after the clamp");
+}
+
+/// Where the MSS option sits among the others, and options the walk must stop at: (case, the
+/// options, the offset of the MSS value within them if it is to be clamped).
+#[test]
+fn the_mss_clamp_walks_every_option_layout_and_stops_at_malformed_ones() {
+    const CLAMPED: u16 = 1500 - 50 - 40;
+    // TS = 8, 10, then 8 bytes of timestamps.
+    let cases: [(&str, &[u8], Option<usize>); 9] = [
+        // Linux's SYN: MSS, SACK permitted, TS, NOP, window scale.
+        (
+            "linux order",
+            &[
+                2, 4, 5, 180, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+            ],
+            Some(2),
+        ),
+        // MSS after NOPs, TS and window scale (as some stacks send it).
+        (
+            "mss last",
+            &[
+                1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 3, 3, 7, 1, 2, 4, 5, 180,
+            ],
+            Some(18),
+        ),
+        ("mss already small", &[1, 1, 1, 1, 2, 4, 4, 0], None),
+        (
+            "end of options before mss",
+            &[1, 0, 0, 0, 2, 4, 5, 180],
+            None,
+        ),
+        ("length 0 before mss", &[8, 0, 0, 0, 2, 4, 5, 180], None),
+        ("length past the header", &[1, 1, 8, 10, 2, 4, 5, 180], None),
+        (
+            "mss cut by the header's end",
+            &[1, 1, 1, 1, 1, 1, 2, 4],
+            None,
+        ),
+        ("mss of another length", &[2, 6, 5, 180, 0, 0, 1, 1], None),
+        (
+            "forty bytes of options",
+            &[&[1; 36][..], &[2, 4, 5, 180]].concat(),
+            Some(38),
+        ),
+    ];
+    for (case, options, at) in cases {
+        let up = Up::load(NODE_A, false);
+        up.frontend(key_of(Ipv4Addr::UNSPECIFIED, NP, TCP), 1, 0, 0, 2);
+        up.backend(SET, 0, POD, 8080, false, NODE_B);
+        let syn = syn_with_options((EXT, CPORT), (NODE_A, NP), SYN, options);
+        let (v, out) = up.run(true, &syn);
+        assert_eq!(v, TC_ACT_REDIRECT, "{case}");
+        let inner = &out[50..];
+        let mut want = syn[14..].to_vec();
+        if let Some(at) = at {
+            want[40 + at..42 + at].copy_from_slice(&CLAMPED.to_be_bytes());
+        }
+        // Only the MSS value (and the checksum) may differ from what the client sent.
+        assert_eq!(
+            hex(&[&inner[14..50], &inner[52..]].concat()),
+            hex(&[&want[..36], &want[38..]].concat()),
+            "{case}"
+        );
+        verify_checksums(inner, case);
+    }
 }
 
 #[test]
