@@ -4,6 +4,7 @@
 #ifndef SLUICE_LIB_CSUM_H
 #define SLUICE_LIB_CSUM_H
 
+#include <linux/ip.h>
 #include <linux/types.h>
 
 static __always_inline __u32 csum_fold16(__u32 csum)
@@ -34,6 +35,18 @@ static __always_inline __sum16 csum_replace4(__sum16 check, __be32 from, __be32 
 
 	sum += (~from & 0xffff) + (~from >> 16) + (to & 0xffff) + (to >> 16);
 	return (__sum16)~csum_fold16(sum);
+}
+
+/* The checksum of an IP header without options built from scratch (its check field 0). */
+static __always_inline __u16 ip_hdr_csum(const struct iphdr *ip)
+{
+	const __u16 *w = (const __u16 *)ip;
+	__u32 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < (int)sizeof(*ip) / 2; i++)
+		sum += w[i];
+	return (__u16)~csum_fold16(sum);
 }
 
 #endif

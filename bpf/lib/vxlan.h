@@ -12,6 +12,7 @@
 
 #include <linux/udp.h>
 #include "common.h"
+#include "csum.h"
 
 struct vxlan_outer {
 	struct iphdr ip;
@@ -22,19 +23,6 @@ struct vxlan_outer {
 } __attribute__((packed));
 
 _Static_assert(sizeof(struct vxlan_outer) == VXLAN_OVERHEAD, "VXLAN overhead");
-
-static __always_inline __u16 ip_csum(const struct iphdr *ip)
-{
-	__u32 sum = 0;
-	const __u16 *w = (const __u16 *)ip;
-
-#pragma unroll
-	for (int i = 0; i < (int)sizeof(*ip) / 2; i++)
-		sum += w[i];
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return ~sum;
-}
 
 /**
  * vxlan_encap - wrap the packet (as it is) for node @peer, with @vni. The caller checked the size.
@@ -67,7 +55,7 @@ static __always_inline int vxlan_encap(struct __sk_buff *skb, const struct packe
 	ip.protocol = IPPROTO_UDP;
 	ip.saddr = node_addr;
 	ip.daddr = peer;
-	ip.check = ip_csum(&ip);
+	ip.check = ip_hdr_csum(&ip);
 	o.ip = ip;
 	o.udp.source = bpf_htons(0xc000 | (hash & 0x3fff));
 	o.udp.dest = bpf_htons(vxlan_port);
