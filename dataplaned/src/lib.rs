@@ -145,21 +145,19 @@ pub async fn run(
             }
         }));
     }
-    if let Some(addr) = config.healthz_bind {
-        background.push(tokio::spawn(observe::serve(
-            "healthz",
-            addr,
-            state.clone(),
-            observe::healthz::route,
-        )));
-    }
-    if let Some(addr) = config.metrics_bind {
-        background.push(tokio::spawn(observe::serve(
-            "metrics",
-            addr,
-            state.clone(),
-            observe::metrics::route,
-        )));
+    let endpoints: [(&str, _, observe::Route); 2] = [
+        ("healthz", config.healthz_bind, observe::healthz::route),
+        ("metrics", config.metrics_bind, observe::metrics::route),
+    ];
+    for (what, bind, route) in endpoints {
+        if let Some(addr) = bind {
+            background.push(tokio::spawn(observe::serve(
+                what,
+                addr,
+                state.clone(),
+                route,
+            )));
+        }
     }
     {
         // Health-check node ports answer serviceProxyHealthy from the same notion as /healthz.

@@ -572,39 +572,48 @@ fn reduce(key: &ObjectKey, obj: Result<Typed, String>) -> Result<Arc<Spec>, Stri
     Ok(Arc::new(p.spec))
 }
 
-fn service_change(e: WatchEvent<Service>) -> Change {
-    let one = |s: Service| {
-        let key = key_of(Kind::Service, s.metadata.namespace.clone(), s.name_any());
-        let spec = reduce(&key, Ok(Typed::Service(s)));
-        (key, spec)
-    };
+/// One watch event as a change of `kind`: `spec` reduces an applied object, `deleted` sees the
+/// key of a deleted one.
+fn change_of<K: ResourceExt>(
+    e: WatchEvent<K>,
+    kind: Kind,
+    spec: impl Fn(&ObjectKey, K) -> Result<Arc<Spec>, String>,
+    deleted: impl FnOnce(&ObjectKey),
+) -> Change {
+    let key = |o: &K| key_of(kind, o.namespace(), o.name_any());
     match e {
-        WatchEvent::Apply(s) => {
-            let (k, s) = one(s);
+        WatchEvent::Apply(o) => {
+            let k = key(&o);
+            let s = spec(&k, o);
             Change::Apply(k, s)
         }
-        WatchEvent::InitApply(s) => {
-            let (k, s) = one(s);
+        WatchEvent::InitApply(o) => {
+            let k = key(&o);
+            let s = spec(&k, o);
             Change::InitApply(k, s)
         }
-        WatchEvent::Delete(s) => Change::Delete(key_of(
-            Kind::Service,
-            s.metadata.namespace.clone(),
-            s.name_any(),
-        )),
+        WatchEvent::Delete(o) => {
+            let k = key(&o);
+            deleted(&k);
+            Change::Delete(k)
+        }
         WatchEvent::Init => Change::Init,
         WatchEvent::InitDone => Change::InitDone,
     }
 }
 
+fn service_change(e: WatchEvent<Service>) -> Change {
+    change_of(
+        e,
+        Kind::Service,
+        |k, s| reduce(k, Ok(Typed::Service(s))),
+        |_| {},
+    )
+}
+
 fn slice_change(e: WatchEvent<DynamicObject>, beta: bool) -> Change {
-    let one = |o: DynamicObject| {
-        let key = key_of(
-            Kind::EndpointSlice,
-            o.metadata.namespace.clone(),
-            o.name_any(),
-        );
-        let typed = serde_json::to_value(&o)
+    let typed = |key: &ObjectKey, o: DynamicObject| {
+        serde_json::to_value(&o)
             .and_then(|mut v| {
                 if beta {
                     slice_v1beta1_to_v1(&mut v);
@@ -615,27 +624,14 @@ fn slice_change(e: WatchEvent<DynamicObject>, beta: bool) -> Change {
                 serde_json::from_value::<EndpointSlice>(v)
             })
             .map(Typed::EndpointSlice)
-            .map_err(|e| format!("EndpointSlice {key}: {e}"));
-        let spec = reduce(&key, typed);
-        (key, spec)
+            .map_err(|e| format!("EndpointSlice {key}: {e}"))
     };
-    match e {
-        WatchEvent::Apply(o) => {
-            let (k, s) = one(o);
-            Change::Apply(k, s)
-        }
-        WatchEvent::InitApply(o) => {
-            let (k, s) = one(o);
-            Change::InitApply(k, s)
-        }
-        WatchEvent::Delete(o) => Change::Delete(key_of(
-            Kind::EndpointSlice,
-            o.metadata.namespace.clone(),
-            o.name_any(),
-        )),
-        WatchEvent::Init => Change::Init,
-        WatchEvent::InitDone => Change::InitDone,
-    }
+    change_of(
+        e,
+        Kind::EndpointSlice,
+        |k, o| reduce(k, typed(k, o)),
+        |_| {},
+    )
 }
 
 /// Whether a Node may take traffic (kube-proxy's nodeEligible): not being deleted, not tainted
@@ -650,33 +646,21 @@ pub fn node_eligible(n: &Node) -> bool {
 }
 
 fn node_change(e: WatchEvent<Node>, own: &str, status: &Shared) -> Change {
-    let one = |n: Node| {
-        let key = key_of(Kind::Node, None, n.name_any());
-        if &*key.name == own {
-            lock(status).node_eligible = node_eligible(&n);
-        }
-        let spec = reduce(&key, Ok(Typed::Node(n)));
-        (key, spec)
-    };
-    match e {
-        WatchEvent::Apply(n) => {
-            let (k, s) = one(n);
-            Change::Apply(k, s)
-        }
-        WatchEvent::InitApply(n) => {
-            let (k, s) = one(n);
-            Change::InitApply(k, s)
-        }
-        WatchEvent::Delete(n) => {
-            let key = key_of(Kind::Node, None, n.name_any());
-            if &*key.name == own {
+    change_of(
+        e,
+        Kind::Node,
+        |k, n| {
+            if &*k.name == own {
+                lock(status).node_eligible = node_eligible(&n);
+            }
+            reduce(k, Ok(Typed::Node(n)))
+        },
+        |k| {
+            if &*k.name == own {
                 lock(status).node_eligible = false;
             }
-            Change::Delete(key)
-        }
-        WatchEvent::Init => Change::Init,
-        WatchEvent::InitDone => Change::InitDone,
-    }
+        },
+    )
 }
 
 type Events = Pin<Box<dyn Stream<Item = (Resource, Result<Change, watcher::Error>)> + Send>>;
