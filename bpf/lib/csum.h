@@ -46,7 +46,7 @@ static __always_inline __u16 ip_hdr_csum(const struct iphdr *ip)
 #pragma unroll
 	for (int i = 0; i < (int)sizeof(*ip) / 2; i++)
 		sum += w[i];
-	return (__u16)~csum_fold16(sum);
+	return csum_fold32(sum);
 }
 
 #endif
